@@ -1,0 +1,170 @@
+"""Every initialization formula of REFERENCE.md section 4, in one place.
+
+The point is balance: at init, on unit-variance input, a block's memory output variance equals its
+FFN output variance. The chain, for a memory layer with top_m = m, Dv, Dp and value std sigma_V:
+
+    W_pre x      : each coordinate has variance h * 2/(5h) = 0.4
+    a_s          : Dp * sigma_V^2 * 0.4
+    y (per dim)  : m * E[a^2] * E[G_k^2] * sigma_V^2
+    out          : Dv * 2/(5h) * var(y) = 0.16 * sigma_V^4 * Dp * m * Dv * E[G_k^2] / h
+
+E[G_k^2] is the second moment of the per-core selected scores, measured by Monte Carlo through
+the real retrieval after the query/key gains are set so the mean selected score is 1 (then
+E[G^2] = 1 + sigma_s^2, the paper's form). Values and pre-values share sigma_V, hence the fourth
+power; the paper prints sigma_V^2 but only sigma_V^4 makes the algebra close.
+
+The FFN side: SwiGLU down(silu(g) * u) with g, u ~ N(0, 0.4). The paper takes the inner variance
+as 0.16; it is 0.4 * E[silu(g)^2] ~ 0.049 (computed here by Gauss-Hermite quadrature), so the
+paper's FFN variance is ~3.3x too high. We match the exact FFN variance instead and keep the
+paper's figure only for the record (`paper_ffn_output_variance`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ultramem.config import ModelConfig
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def linear_std(d_model: int) -> float:
+    """Std of every linear map: sqrt(2 / (5h))."""
+    return math.sqrt(2.0 / (5.0 * d_model))
+
+
+def ffn_output_std(d_model: int, n_layers: int) -> float:
+    """The FFN's output map is further scaled by 1 / sqrt(2L)."""
+    return linear_std(d_model) / math.sqrt(2.0 * n_layers)
+
+
+def swiglu_inner_variance(pre_var: float = 0.4, n_nodes: int = 120) -> float:
+    """Var(silu(g) * u) for independent g, u ~ N(0, pre_var): pre_var * E[silu(g)^2], exact."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n_nodes)
+    g = math.sqrt(pre_var) * nodes
+    silu = g / (1.0 + np.exp(-g))
+    return float(pre_var * (weights * silu**2).sum() / math.sqrt(2.0 * math.pi))
+
+
+def swiglu_output_variance(d_model: int, ffn_hidden: int, n_layers: int) -> float:
+    """Output variance of a SwiGLU FFN at init on unit-variance input (exact in expectation)."""
+    return ffn_hidden * swiglu_inner_variance() * ffn_output_std(d_model, n_layers) ** 2
+
+
+def paper_ffn_output_variance(d_model: int, ffn_hidden: int, n_layers: int) -> float:
+    """The paper's sigma_ffn^2 = 0.064 k_inner / (2L), which assumes an inner variance of 0.16."""
+    return 0.064 * (ffn_hidden / d_model) / (2.0 * n_layers)
+
+
+def memory_output_variance(value_std: float, d_model: int, pre_value_dim: int, value_dim: int,
+                           top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
+    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's formula with E[G^2] = 1 + sigma_s^2)."""
+    return (0.16 * value_std**4 * pre_value_dim * top_m * n_heads * value_dim
+            * score_second_moment / d_model)
+
+
+def value_std_for(target_var: float, d_model: int, pre_value_dim: int, value_dim: int,
+                  top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
+    """sigma_V such that `memory_output_variance` equals target_var (fourth root)."""
+    denom = 0.16 * pre_value_dim * top_m * n_heads * value_dim * score_second_moment
+    return (target_var * d_model / denom) ** 0.25
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def init_linear(module: nn.Linear, std: float) -> None:
+    nn.init.normal_(module.weight, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator) -> dict:
+    """Keys ~ N(0, 1); cores diagonal-dominant; then scale the query/key gains so the mean of the
+    selected (summed) scores is 1, measured by Monte Carlo on unit-variance input.
+
+    Returns mean, sigma_s^2 (variance of summed selected scores) and E[G_k^2] (per-core).
+    """
+    keys = layer.keys
+    keys.keys.normal_(generator=generator)
+    r = keys.tucker_rank
+    decay = torch.tensor([0.25**p for p in range(r)])
+    base = torch.diag(decay) / keys.n_cores
+    noise = 0.02 * torch.randn(keys.n_cores, r, r, generator=generator)
+    keys.cores.copy_(base.unsqueeze(0) + noise)
+    keys.query_gain.fill_(1.0)
+    keys.key_gain.fill_(1.0)
+    x = torch.randn(n_samples, layer.d_model, generator=generator).to(keys.keys.device)
+    scores, _ = layer.retrieve(x)  # [T, m, c]
+    mean = scores.sum(-1).mean().item()
+    if not mean > 0:
+        raise RuntimeError(f"score calibration failed: mean selected score {mean}")
+    # scores are bilinear in (query_gain * key_gain)^2, and top-m is scale-invariant.
+    scale = mean ** -0.25
+    keys.query_gain.mul_(scale)
+    keys.key_gain.mul_(scale)
+    scores = scores / mean
+    total = scores.sum(-1)
+    return {
+        "score_mean": total.mean().item(),
+        "sigma_s2": total.var().item(),
+        "score_second_moment": scores.pow(2).mean().item(),
+    }
+
+
+@torch.no_grad()
+def init_memory_layer(layer: nn.Module, target_var: float, n_layers: int,
+                      generator: torch.Generator, init_tables: bool = True) -> dict:
+    """Initialise an UltraMemV2 layer so its output variance matches target_var."""
+    cfg, h = layer.cfg, layer.d_model
+    std = linear_std(h)
+    for lin in (layer.query, layer.pre_proj, layer.out_proj):
+        lin.weight.normal_(std=std, generator=generator)
+    stats = init_retrieval(layer, cfg.init_samples, generator)
+    if cfg.value_init == "fixed":
+        value_std = cfg.fixed_value_std
+    else:
+        value_std = value_std_for(target_var, h, cfg.pre_value_dim, cfg.value_dim, cfg.top_m,
+                                  stats["score_second_moment"])
+    if init_tables:
+        values, pre_values = layer.tables()
+        values.normal_(std=value_std, generator=generator)
+        pre_values.normal_(std=value_std, generator=generator)
+    stats.update(
+        value_std=value_std,
+        target_var=target_var,
+        predicted_var=memory_output_variance(value_std, h, cfg.pre_value_dim, cfg.value_dim,
+                                             cfg.top_m, stats["score_second_moment"]),
+    )
+    layer.init_stats = stats
+    return stats
+
+
+@torch.no_grad()
+def init_lm(model: nn.Module, seed: int = 0) -> None:
+    """Initialise every weight of an `ultramem.LM` (REFERENCE.md section 4)."""
+    cfg: ModelConfig = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    h, L = cfg.d_model, cfg.n_layers
+    std = linear_std(h)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:  # norm gains
+            p.fill_(1.0)
+    model.embed.weight.normal_(std=std, generator=gen)
+    if model.head is not None:
+        model.head.weight.normal_(std=std, generator=gen)
+    ffn_var = swiglu_output_variance(h, cfg.ffn_hidden, L)
+    for block in model.blocks:
+        for lin in (block.attn.qkv, block.attn.proj, block.ffn.gate, block.ffn.up):
+            lin.weight.normal_(std=std, generator=gen)
+        block.ffn.down.weight.normal_(std=ffn_output_std(h, L), generator=gen)
+    store = getattr(model, "value_store", None)
+    for i, layer in enumerate(model.memory_layers()):
+        # A shared store is initialised once, from the first layer's statistics.
+        stats = init_memory_layer(layer, ffn_var, L, gen, init_tables=store is None or i == 0)
+        stats["paper_ffn_var"] = paper_ffn_output_variance(h, cfg.ffn_hidden, L)

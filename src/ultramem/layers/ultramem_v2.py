@@ -1,0 +1,157 @@
+"""The UltraMemV2 memory layer (REFERENCE.md section 2).
+
+Per token u [h]:
+  queries   = W_q u                       -> r row and r column queries of width Dk (per rank)
+  S_row/col = <RMSNorm(q), RMSNorm(K)>    -> [r, n] each
+  retrieval = Tucker pre-selection + exact scoring -> top m cells with per-core scores G_k
+  rows      = perm[cell]                  -> the fixed shuffle maps grid cells to value rows
+  a_s       = <pre_value[s], W_pre u>     -> PEER-style one-neuron expert input, no activation
+  y         = sum_s a_s * G_k(s) * value[s][slice k]   (slice k of Dv weighted by core k)
+  out       = W_out y                     -> [h], added to the residual next to the FFN
+Raw scores weight the values: no softmax. Initialization lives in `ultramem.init`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ultramem.config import MemoryConfig
+from ultramem.ops import gather_dot, weighted_lookup
+from ultramem.retrieval import TuckerProductKeys
+
+
+class ValueStore(nn.Module):
+    """Value and pre-value tables shared by all memory layers (S_g-Ring sharing).
+
+    Holds `n_tables` tables of `rows_per_table` rows, stacked. Layer l addresses the window of
+    `group` consecutive tables starting at table l, wrapping around. Passed to layers explicitly.
+    """
+
+    def __init__(self, n_tables: int, rows_per_table: int, value_dim: int, pre_value_dim: int,
+                 group: int):
+        super().__init__()
+        self.n_tables, self.rows_per_table, self.group = n_tables, rows_per_table, group
+        self.values = nn.Parameter(torch.empty(n_tables * rows_per_table, value_dim))
+        self.pre_values = nn.Parameter(torch.empty(n_tables * rows_per_table, pre_value_dim))
+
+    def global_rows(self, slot: int, rows: Tensor) -> Tensor:
+        """Window-local rows of layer `slot` -> rows of the stacked tables."""
+        table = (slot + torch.div(rows, self.rows_per_table, rounding_mode="floor")) % self.n_tables
+        return table * self.rows_per_table + rows % self.rows_per_table
+
+
+class UltraMemV2Layer(nn.Module):
+    """UltraMemV2 memory layer: `forward(u [..., h]) -> [..., h]`.
+
+    store/slot: with S_g-Ring sharing, the shared `ValueStore` and this layer's index among the
+    memory layers; otherwise the layer owns its `values` [N, Dv] and `pre_values` [N, Dp].
+    """
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, *, slot: int = 0,
+                 store: ValueStore | None = None):
+        super().__init__()
+        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+        r, dk = cfg.tucker_rank, cfg.key_dim
+        n_query = 2 * dk if cfg.shared_rank_query else 2 * r * dk
+        self.query = nn.Linear(d_model, n_query, bias=False)
+        self.keys = TuckerProductKeys(cfg.n_keys, dk, r, cfg.n_cores)
+        self.pre_proj = nn.Linear(d_model, cfg.pre_value_dim, bias=False)  # W_pre
+        self.out_proj = nn.Linear(cfg.value_dim, d_model, bias=False)  # W_out
+        gen = torch.Generator().manual_seed(cfg.seed + slot)
+        self.register_buffer("perm", torch.randperm(cfg.n_values, generator=gen))
+        if store is None:
+            if cfg.share_group != 1:
+                raise ValueError("share_group > 1 needs a ValueStore passed as store=")
+            self.values = nn.Parameter(torch.empty(cfg.n_values, cfg.value_dim))
+            self.pre_values = nn.Parameter(torch.empty(cfg.n_values, cfg.pre_value_dim))
+        # A plain attribute, not a submodule: the model owns the store, layers only borrow it.
+        object.__setattr__(self, "store", store)
+        self._aux_loss: Tensor | None = None
+        self.init_stats: dict[str, float] = {}
+
+    # -- tables ---------------------------------------------------------------------------
+
+    def tables(self) -> tuple[Tensor, Tensor]:
+        """(values, pre_values) this layer reads, [rows, Dv] and [rows, Dp]."""
+        if self.store is None:
+            return self.values, self.pre_values
+        return self.store.values, self.store.pre_values
+
+    def table_rows(self, rows: Tensor) -> Tensor:
+        """Rows as returned by `retrieve` -> rows of `tables()`."""
+        return rows if self.store is None else self.store.global_rows(self.slot, rows)
+
+    # -- retrieval ------------------------------------------------------------------------
+
+    def _queries(self, x: Tensor) -> Tensor:
+        r, dk = self.cfg.tucker_rank, self.cfg.key_dim
+        q = self.query(x)
+        if self.cfg.shared_rank_query:
+            return q.view(-1, 2, 1, dk).expand(-1, 2, r, dk)  # [T, 2, r, Dk]
+        return q.view(-1, 2, r, dk)  # [T, 2, r, Dk]
+
+    def _flat(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{type(self).__name__}: input last dim {u.shape[-1]} != d_model={self.d_model}"
+            )
+        return u.reshape(-1, self.d_model)
+
+    def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        s_row, s_col = self.keys.row_col_scores(self._queries(x))  # [T, r, n] each
+        scores, cells = self.keys.select(s_row, s_col, self.cfg.top_m, self.cfg.topk)
+        return scores, self.perm[cells], s_row, s_col  # [T, m, c], [T, m]
+
+    def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-core scores [T, top_m, n_cores] (sorted by their sum) and value rows [T, top_m]."""
+        scores, rows, _, _ = self._retrieve(self._flat(u))
+        return scores, rows
+
+    def grid_scores(self, u: Tensor) -> Tensor:
+        """Exact summed Tucker score of every grid cell, [T, n, n] (tests and diagnostics)."""
+        s_row, s_col = self.keys.row_col_scores(self._queries(self._flat(u)))
+        return self.keys.grid_scores(s_row, s_col)
+
+    def cells_of_rows(self, rows: Tensor) -> Tensor:
+        """Inverse of the shuffle: value rows -> grid cells i * n + j."""
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        return inv[rows]
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(self, u: Tensor) -> Tensor:
+        lead = u.shape[:-1]
+        x = self._flat(u)  # [T, h]
+        scores, rows, s_row, s_col = self._retrieve(x)  # [T, m, c], [T, m]
+        values, pre_values = self.tables()
+        rows = self.table_rows(rows)
+        sparse = self.cfg.sparse_grad
+        a = gather_dot(pre_values, rows, self.pre_proj(x), sparse_grad=sparse)  # [T, m]
+        weights = a.unsqueeze(-1) * scores  # [T, m, c]
+        y = weighted_lookup(values, rows, weights, sparse_grad=sparse)  # [T, Dv]
+        out = self.out_proj(y.to(self.out_proj.weight.dtype))  # [T, h]
+        self._aux_loss = self._auxiliary(s_row, s_col) if torch.is_grad_enabled() else None
+        return out.view(*lead, self.d_model)
+
+    def _auxiliary(self, s_row: Tensor, s_col: Tensor) -> Tensor | None:
+        cfg = self.cfg
+        loss = None
+        if cfg.tucker_penalty > 0:
+            loss = self.keys.tucker_penalty(cfg.tucker_penalty, cfg.tucker_tau)
+        if cfg.balance_loss > 0:
+            bal = self.keys.balance_loss(s_row, s_col, cfg.topk, cfg.balance_loss)
+            loss = bal if loss is None else loss + bal
+        return loss
+
+    def pop_aux_loss(self) -> Tensor | None:
+        """The auxiliary loss of the last forward run with gradients enabled (None if off)."""
+        loss, self._aux_loss = self._aux_loss, None
+        return loss
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"n_keys={c.n_keys}, N={c.n_values}, Dk={c.key_dim}, r={c.tucker_rank}, "
+                f"cores={c.n_cores}, top_m={c.top_m}, kr={c.topk}, Dv={c.value_dim}, "
+                f"Dp={c.pre_value_dim}, shared={self.store is not None}")

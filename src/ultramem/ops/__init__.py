@@ -1,0 +1,10 @@
+"""Custom ops: a readable reference and a fast path for each, held together by tests."""
+
+from ultramem.ops.lookup import (
+    gather_dot,
+    gather_dot_reference,
+    weighted_lookup,
+    weighted_lookup_reference,
+)
+
+__all__ = ["gather_dot", "gather_dot_reference", "weighted_lookup", "weighted_lookup_reference"]

@@ -1,0 +1,117 @@
+"""Tucker-decomposed product-key retrieval (TDQKR), REFERENCE.md section 2 steps 2-4 and 7.
+
+A token brings r row queries and r column queries (each [Dk]). Against row keys and column keys
+(each [r, n, Dk]) they give two score matrices S_row, S_col of shape [r, n]. With c Tucker cores
+C_k [r, r], the exact score of grid cell (i, j) is G(i, j) = sum_k S_row[:, i]^T C_k S_col[:, j].
+
+Scoring all n^2 cells is quadratic, so rows and columns are first pre-selected with the rank-1
+approximation of sum_k C_k: its leading singular pair (u, v) ranks rows by u^T S_row[:, i] and
+columns by v^T S_col[:, j]. The top `kr` of each give kr^2 candidates, scored exactly; the top m
+of those are returned. With kr = n this is exactly brute force.
+
+Sign convention: a singular pair is defined up to a joint flip (u, v) -> (-u, -v), which would
+rank rows and columns in reverse. We fix it so that the entry of u with the largest magnitude is
+positive (the first such entry on ties), computed fresh from the cores at every call: there is no
+stale or zero pre-selection state to refresh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim with an affine gain."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * gain.float()).to(x.dtype)
+
+
+@torch.no_grad()
+def rank1_directions(cores: Tensor) -> tuple[Tensor, Tensor]:
+    """Leading singular pair (u [r], v [r]) of sum_k C_k, sign fixed (see module docstring)."""
+    core_sum = cores.detach().float().sum(0)  # [r, r]
+    left, _, right_h = torch.linalg.svd(core_sum)
+    u, v = left[:, 0], right_h[0, :]
+    sign = torch.sign(u[torch.argmax(u.abs())])
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, v * sign
+
+
+class TuckerProductKeys(nn.Module):
+    """Row/column keys, Tucker cores and the query/key RMSNorm gains of one memory layer.
+
+    Parameters: keys [2, r, n, Dk] (row keys, column keys), cores [c, r, r],
+    query_gain [Dk] and key_gain [Dk] (their product sets the score scale, see `ultramem.init`).
+    """
+
+    def __init__(self, n_keys: int, key_dim: int, tucker_rank: int = 2, n_cores: int = 2):
+        super().__init__()
+        self.n_keys, self.key_dim = n_keys, key_dim
+        self.tucker_rank, self.n_cores = tucker_rank, n_cores
+        self.keys = nn.Parameter(torch.empty(2, tucker_rank, n_keys, key_dim))
+        self.cores = nn.Parameter(torch.empty(n_cores, tucker_rank, tucker_rank))
+        self.query_gain = nn.Parameter(torch.ones(key_dim))
+        self.key_gain = nn.Parameter(torch.ones(key_dim))
+
+    # -- scores ---------------------------------------------------------------------------
+
+    def row_col_scores(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """queries [T, 2, r, Dk] (row, col) -> S_row, S_col, each [T, r, n] in float32."""
+        q = rms_norm(queries, self.query_gain)  # [T, 2, r, Dk]
+        k = rms_norm(self.keys, self.key_gain).to(q.dtype)  # [2, r, n, Dk]
+        s_row = torch.einsum("trd,rnd->trn", q[:, 0], k[0]).float()  # [T, r, n]
+        s_col = torch.einsum("trd,rnd->trn", q[:, 1], k[1]).float()  # [T, r, n]
+        return s_row, s_col
+
+    def grid_scores(self, s_row: Tensor, s_col: Tensor) -> Tensor:
+        """Exact summed Tucker score of every cell: [T, n, n]."""
+        core_sum = self.cores.float().sum(0)  # [r, r]
+        return torch.einsum("tpi,pq,tqj->tij", s_row, core_sum, s_col)
+
+    def select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int) -> tuple[Tensor, Tensor]:
+        """Pre-select kr rows and columns, score kr^2 cells exactly, keep the top m.
+
+        Returns per-core scores [T, m, c] (sorted by their sum, descending) and grid cells
+        [T, m] as i * n + j.
+        """
+        t, r, n = s_row.shape
+        c = self.n_cores
+        u, v = rank1_directions(self.cores)
+        with torch.no_grad():
+            row_rank = torch.einsum("r,trn->tn", u, s_row)  # [T, n]
+            col_rank = torch.einsum("r,trn->tn", v, s_col)  # [T, n]
+            row_idx = row_rank.topk(kr, dim=-1).indices  # [T, kr]
+            col_idx = col_rank.topk(kr, dim=-1).indices  # [T, kr]
+        s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+        s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+        cand = torch.einsum("tpi,kpq,tqj->tkij", s_row_k, self.cores.float(), s_col_k)  # [T,c,kr,kr]
+        cand = cand.reshape(t, c, kr * kr)
+        with torch.no_grad():
+            pos = cand.sum(1).topk(top_m, dim=-1).indices  # [T, m]
+        scores = cand.gather(2, pos.unsqueeze(1).expand(t, c, top_m)).transpose(1, 2)  # [T, m, c]
+        rows = row_idx.gather(1, torch.div(pos, kr, rounding_mode="floor"))  # [T, m]
+        cols = col_idx.gather(1, pos % kr)  # [T, m]
+        return scores, rows * n + cols
+
+    # -- auxiliary losses (off by default) --------------------------------------------------
+
+    def tucker_penalty(self, alpha: float, tau: float) -> Tensor:
+        """alpha/(r-1) * sum_k sum_{i>=2} max(0, lambda_i(C_k) - tau)^2; 0 for r = 1."""
+        r = self.tucker_rank
+        if r == 1:
+            return self.cores.sum() * 0.0
+        sv = torch.linalg.svdvals(self.cores.float())  # [c, r], descending
+        return alpha / (r - 1) * torch.relu(sv[:, 1:] - tau).pow(2).sum()
+
+    def balance_loss(self, s_row: Tensor, s_col: Tensor, kr: int, beta: float) -> Tensor:
+        """beta * n * sum_i f_i p_i over the rank-1 row and column rankings (summed)."""
+        u, v = rank1_directions(self.cores)
+        total = s_row.new_zeros(())
+        for direction, scores in ((u, s_row), (v, s_col)):
+            logits = torch.einsum("r,trn->tn", direction, scores)  # [T, n]
+            probs = logits.softmax(-1).mean(0)  # [n]
+            picked = logits.detach().topk(kr, dim=-1).indices.reshape(-1)
+            frac = torch.bincount(picked, minlength=self.n_keys).float() / picked.numel()
+            total = total + self.n_keys * (frac * probs).sum()
+        return beta * total
