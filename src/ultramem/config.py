@@ -8,13 +8,17 @@ to the FFN (UltraMemV2 by default). Both validate in `__post_init__` and raise `
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Sparse layer kinds `LM` knows how to build. Baselines register more in `ultramem.layers`.
-MEMORY_KINDS: tuple[str, ...] = ("ultramem_v2",)
+# Sparse layer kinds `LM` knows how to build (one config class each, see `SPARSE_CONFIGS`).
+MEMORY_KINDS: tuple[str, ...] = (
+    "ultramem_v2", "moe", "pkm", "peer", "memory_plus", "ultramem_v1",
+)
 VALUE_INITS: tuple[str, ...] = ("paper", "fixed")
+QUERY_NORMS: tuple[str, ...] = ("layer", "batch", "rms")
 
 
 class ConfigError(ValueError):
@@ -34,6 +38,24 @@ def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
             name,
             f"must be a positive integer, got {value!r}",
         )
+
+
+def _check_layers(layers: tuple[int, ...] | None, name: str = "layers") -> None:
+    if layers is None:
+        return
+    _require(len(layers) > 0, name, "must list at least one block (or be None)")
+    _require(
+        all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers),
+        name,
+        "must hold non-negative block indices",
+    )
+    _require(len(set(layers)) == len(layers), name, "has duplicates")
+
+
+def _as_tuple(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, list):
+        object.__setattr__(obj, name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ class MemoryConfig:
     """
 
     kind: str = "ultramem_v2"
+    replaces_ffn = False  # class attribute: the memory sits next to the FFN
     n_keys: int = 64
     key_dim: int = 64
     tucker_rank: int = 2
@@ -79,7 +102,7 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        _require(self.kind in MEMORY_KINDS, "kind", f"must be one of {MEMORY_KINDS}, got {self.kind!r}")
+        _require(self.kind == "ultramem_v2", "kind", f"must be 'ultramem_v2', got {self.kind!r}")
         _positive_ints(
             self,
             ("n_keys", "key_dim", "tucker_rank", "n_cores", "top_m", "value_dim",
@@ -117,14 +140,7 @@ class MemoryConfig:
             "share_group",
             f"n_keys**2={self.n_values} is not divisible by share_group={self.share_group}",
         )
-        if self.layers is not None:
-            _require(len(self.layers) > 0, "layers", "must list at least one block (or be None)")
-            _require(
-                all(isinstance(i, int) and i >= 0 for i in self.layers),
-                "layers",
-                "must hold non-negative block indices",
-            )
-            _require(len(set(self.layers)) == len(self.layers), "layers", "has duplicates")
+        _check_layers(self.layers)
 
     @property
     def n_values(self) -> int:
@@ -145,6 +161,265 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture of SwiGLU experts that replaces the FFN (REFERENCE.md section 6).
+
+    Defaults are OLMoE style: 64 fine-grained experts, top-8, softmax router without top-k
+    renormalisation, load-balancing loss 0.01, router z-loss 0.001, dropless. `MoEConfig.mixtral`
+    gives the Mixtral style (8 experts, top-2, renormalised). layers: blocks whose FFN is an MoE
+    (None -> every block); the other blocks keep the dense FFN.
+    """
+
+    kind: str = "moe"
+    replaces_ffn = True
+    n_experts: int = 64
+    top_k: int = 8
+    expert_hidden: int = 64
+    renormalize: bool = False
+    balance_loss: float = 0.01
+    z_loss: float = 0.001
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "layers")
+        _require(self.kind == "moe", "kind", f"must be 'moe', got {self.kind!r}")
+        _positive_ints(self, ("n_experts", "top_k", "expert_hidden"))
+        _require(self.top_k <= self.n_experts, "top_k",
+                 f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        for name in ("balance_loss", "z_loss"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _check_layers(self.layers)
+
+    @classmethod
+    def mixtral(cls, expert_hidden: int, **changes: Any) -> MoEConfig:
+        """Mixtral style: 8 experts, top-2, renormalised top-k weights."""
+        return cls(n_experts=8, top_k=2, expert_hidden=expert_hidden, renormalize=True, **changes)
+
+
+@dataclass(frozen=True)
+class PKMConfig:
+    """Product-key memory (Lample et al. 2019), REFERENCE.md section 6.
+
+    The query (width key_dim) is split in two halves scored against n_keys sub-keys each; the
+    top_k candidates per head get softmax weights over values of width value_dim (None -> d_model,
+    read straight into the residual). Heads have their own query and keys and share the values.
+    query_norm: "batch" (the paper), "layer" or "rms". layers: blocks with a memory
+    (None -> every block); replace_ffn: those blocks drop their FFN (the paper's setting).
+    """
+
+    kind: str = "pkm"
+    n_keys: int = 64
+    key_dim: int = 64
+    n_heads: int = 4
+    top_k: int = 16
+    value_dim: int | None = None
+    query_norm: str = "layer"
+    layers: tuple[int, ...] | None = None
+    replace_ffn: bool = True
+    sparse_grad: bool = False
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "layers")
+        _require(self.kind == "pkm", "kind", f"must be 'pkm', got {self.kind!r}")
+        _check_product_keys(self)
+
+    @property
+    def replaces_ffn(self) -> bool:
+        return self.replace_ffn
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys * self.n_keys
+
+
+def _check_product_keys(cfg: Any) -> None:
+    _positive_ints(cfg, ("n_keys", "key_dim", "n_heads", "top_k"))
+    _require(cfg.key_dim % 2 == 0, "key_dim", f"must be even (two halves), got {cfg.key_dim}")
+    _require(cfg.top_k <= cfg.n_keys, "top_k", f"top_k={cfg.top_k} exceeds n_keys={cfg.n_keys}")
+    if getattr(cfg, "value_dim", None) is not None:
+        _positive_ints(cfg, ("value_dim",))
+    if hasattr(cfg, "query_norm"):
+        _require(cfg.query_norm in QUERY_NORMS, "query_norm", f"must be one of {QUERY_NORMS}")
+    _check_layers(cfg.layers)
+
+
+@dataclass(frozen=True)
+class PEERConfig:
+    """PEER (He 2024): product-key retrieval of single-neuron experts, REFERENCE.md section 6.
+
+    n_keys**2 experts e_s(x) = GELU(<u_s, x>) v_s with u_s, v_s in R^h, shared by n_heads heads
+    that each pick top_k experts with softmax router weights. layers / replace_ffn as in PKM.
+    """
+
+    kind: str = "peer"
+    n_keys: int = 64
+    key_dim: int = 64
+    n_heads: int = 8
+    top_k: int = 16
+    query_norm: str = "layer"
+    layers: tuple[int, ...] | None = None
+    replace_ffn: bool = True
+    sparse_grad: bool = False
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "layers")
+        _require(self.kind == "peer", "kind", f"must be 'peer', got {self.kind!r}")
+        _check_product_keys(self)
+
+    @property
+    def replaces_ffn(self) -> bool:
+        return self.replace_ffn
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys * self.n_keys
+
+
+@dataclass(frozen=True)
+class MemoryPlusConfig:
+    """Memory+ (Berges et al. 2024), REFERENCE.md section 6.
+
+    PKM with RMS qk-norm, one value table shared by every memory layer, and a gated output
+    W_o((sum_s softmax(s) V[s]) * SiLU(W_s x)). layers / replace_ffn as in PKM.
+    """
+
+    kind: str = "memory_plus"
+    n_keys: int = 64
+    key_dim: int = 64
+    n_heads: int = 2
+    top_k: int = 16
+    value_dim: int | None = None
+    layers: tuple[int, ...] | None = None
+    replace_ffn: bool = True
+    sparse_grad: bool = False
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "layers")
+        _require(self.kind == "memory_plus", "kind", f"must be 'memory_plus', got {self.kind!r}")
+        _check_product_keys(self)
+
+    @property
+    def replaces_ffn(self) -> bool:
+        return self.replace_ffn
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys * self.n_keys
+
+
+@dataclass(frozen=True)
+class UltraMemV1Config:
+    """UltraMem v1 (arXiv 2411.12364), REFERENCE.md section 5.
+
+    n_keys: side of the physical grid (N = n_keys**2 value rows of value_dim per layer). Implicit
+    value expansion: virtual_blocks E (a square) virtual copies, so the keys are sqrt(E) times
+    wider per side; a virtual index picks block index // N and row index % N, and one map
+    E*Dv -> h projects the E pooled vectors. n_heads heads share one query, each with its own
+    keys and cores, and each reads top_m values. pairs: (read, write) blocks: the layer reads
+    block `read`'s FFN input and its output is added after block `write` (skip-layer).
+    value_lr_start/end: the values' learning-rate multiplier decays linearly between them.
+    """
+
+    kind: str = "ultramem_v1"
+    replaces_ffn = False
+    n_keys: int = 32
+    key_dim: int = 64
+    tucker_rank: int = 2
+    n_cores: int = 2
+    n_heads: int = 2
+    top_m: int = 16
+    rowcol_topk: int | None = None
+    value_dim: int = 64
+    virtual_blocks: int = 4
+    pairs: tuple[tuple[int, int], ...] = ((0, 0),)
+    tucker_penalty: float = 0.001
+    tucker_tau: float = 0.15
+    value_lr_start: float = 4.0
+    value_lr_end: float = 1.0
+    sparse_grad: bool = False
+    init_samples: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+        _require(self.kind == "ultramem_v1", "kind", f"must be 'ultramem_v1', got {self.kind!r}")
+        _positive_ints(self, ("n_keys", "key_dim", "tucker_rank", "n_cores", "n_heads", "top_m",
+                              "value_dim", "virtual_blocks", "init_samples"))
+        side = math.isqrt(self.virtual_blocks)
+        _require(side * side == self.virtual_blocks, "virtual_blocks",
+                 f"must be a square (keys widen by its root per side), got {self.virtual_blocks}")
+        _require(self.value_dim % self.n_cores == 0, "value_dim",
+                 f"value_dim={self.value_dim} is not divisible by n_cores={self.n_cores}")
+        _require(self.top_m <= self.n_virtual, "top_m", f"exceeds the {self.n_virtual} slots")
+        if self.rowcol_topk is not None:
+            _positive_ints(self, ("rowcol_topk",))
+            _require(self.rowcol_topk <= self.key_rows, "rowcol_topk",
+                     f"exceeds the {self.key_rows} key rows")
+        _require(self.topk**2 >= self.top_m, "rowcol_topk",
+                 f"rowcol_topk={self.topk} gives fewer than top_m={self.top_m} candidates")
+        _require(len(self.pairs) > 0, "pairs", "must hold at least one (read, write) pair")
+        for p in self.pairs:
+            _require(len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p), "pairs",
+                     f"each pair must be two non-negative block indices, got {p!r}")
+            _require(p[0] <= p[1], "pairs", f"read block must not follow write block in {p!r}")
+        reads = [p[0] for p in self.pairs]
+        _require(len(set(reads)) == len(reads), "pairs", "two layers read the same block")
+        for name in ("tucker_penalty", "tucker_tau"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.value_lr_start > 0 and self.value_lr_end > 0, "value_lr_start",
+                 "learning-rate multipliers must be > 0")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Blocks whose FFN input a layer reads."""
+        return tuple(p[0] for p in self.pairs)
+
+    @property
+    def n_values(self) -> int:
+        """Physical value rows per layer."""
+        return self.n_keys * self.n_keys
+
+    @property
+    def key_rows(self) -> int:
+        """Key rows (= columns) per side of the virtual grid."""
+        return self.n_keys * math.isqrt(self.virtual_blocks)
+
+    @property
+    def n_virtual(self) -> int:
+        return self.key_rows * self.key_rows
+
+    @property
+    def topk(self) -> int:
+        if self.rowcol_topk is not None:
+            return self.rowcol_topk
+        return min(self.top_m, 128, self.key_rows)
+
+    def value_lr_scale(self, step: int, total_steps: int) -> float:
+        """Value learning-rate multiplier at `step`: linear from value_lr_start to value_lr_end."""
+        frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        return self.value_lr_start + (self.value_lr_end - self.value_lr_start) * frac
+
+
+SparseConfig = (MemoryConfig | MoEConfig | PKMConfig | PEERConfig | MemoryPlusConfig
+                | UltraMemV1Config)
+SPARSE_CONFIGS: dict[str, type] = {
+    "ultramem_v2": MemoryConfig, "moe": MoEConfig, "pkm": PKMConfig, "peer": PEERConfig,
+    "memory_plus": MemoryPlusConfig, "ultramem_v1": UltraMemV1Config,
+}
+
+
+def sparse_config_from_dict(data: dict[str, Any], field_name: str = "memory") -> SparseConfig:
+    """The sparse layer config a dict describes, chosen by its "kind" (default ultramem_v2)."""
+    kind = data.get("kind", "ultramem_v2")
+    _require(kind in SPARSE_CONFIGS, f"{field_name}.kind", f"must be one of {MEMORY_KINDS}")
+    cls = SPARSE_CONFIGS[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(data) - known)
+    _require(not bad, f"{field_name}.{bad[0]}" if bad else "", f"unknown {cls.__name__} field")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer with a sparse layer next to the FFN (see `ultramem.LM`)."""
 
@@ -158,11 +433,11 @@ class ModelConfig:
     qk_norm: bool = True
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    memory: MemoryConfig | None = field(default_factory=MemoryConfig)
+    memory: SparseConfig | None = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, dict):
-            object.__setattr__(self, "memory", MemoryConfig(**self.memory))
+            object.__setattr__(self, "memory", sparse_config_from_dict(self.memory))
         _positive_ints(
             self, ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "max_seq_len")
         )
@@ -180,15 +455,22 @@ class ModelConfig:
         _require(self.norm_eps > 0, "norm_eps", "must be > 0")
         mem = self.memory
         if mem is not None:
-            _require(isinstance(mem, MemoryConfig), "memory", "must be a MemoryConfig or None")
-            if mem.layers is not None:
+            _require(isinstance(mem, tuple(SPARSE_CONFIGS.values())), "memory",
+                     f"must be one of {[c.__name__ for c in SPARSE_CONFIGS.values()]} or None")
+            if isinstance(mem, UltraMemV1Config):
+                bad = [p for p in mem.pairs if p[1] >= self.n_layers]
+                _require(not bad, "memory.pairs",
+                         f"pairs {bad} reach past n_layers={self.n_layers}")
+            elif mem.layers is not None:
                 bad = [i for i in mem.layers if i >= self.n_layers]
                 _require(not bad, "memory.layers", f"blocks {bad} >= n_layers={self.n_layers}")
-            _require(
-                mem.share_group <= len(self.memory_blocks),
-                "memory.share_group",
-                f"share_group={mem.share_group} exceeds the {len(self.memory_blocks)} memory layers",
-            )
+            if isinstance(mem, MemoryConfig):
+                _require(
+                    mem.share_group <= len(self.memory_blocks),
+                    "memory.share_group",
+                    f"share_group={mem.share_group} exceeds the {len(self.memory_blocks)} "
+                    "memory layers",
+                )
 
     @property
     def head_dim(self) -> int:
@@ -196,12 +478,29 @@ class ModelConfig:
 
     @property
     def memory_blocks(self) -> tuple[int, ...]:
-        """Indices of the blocks that hold a memory layer."""
+        """Indices of the blocks that hold a sparse layer (for UltraMem v1: the blocks it reads)."""
         if self.memory is None:
             return ()
         if self.memory.layers is None:
             return tuple(range(self.n_layers))
         return tuple(sorted(self.memory.layers))
+
+    @property
+    def memory_placement(self) -> tuple[tuple[int, int], ...]:
+        """(read, write) blocks of each sparse layer, in block order: the layer reads block
+        `read`'s FFN input and its output joins the residual after block `write`."""
+        mem = self.memory
+        if isinstance(mem, UltraMemV1Config):
+            return tuple(sorted(mem.pairs))
+        return tuple((i, i) for i in self.memory_blocks)
+
+    @property
+    def ffn_blocks(self) -> tuple[int, ...]:
+        """Blocks that keep their dense FFN (the others' sparse layer replaces it)."""
+        if self.memory is not None and self.memory.replaces_ffn:
+            replaced = set(self.memory_blocks)
+            return tuple(i for i in range(self.n_layers) if i not in replaced)
+        return tuple(range(self.n_layers))
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with fields changed; `memory` may be given as a dict of its own changes."""
@@ -221,10 +520,7 @@ class ModelConfig:
         _require(not unknown, unknown[0] if unknown else "", "unknown ModelConfig field")
         mem = data.get("memory")
         if isinstance(mem, dict):
-            mem_known = {f.name for f in dataclasses.fields(MemoryConfig)}
-            bad = sorted(set(mem) - mem_known)
-            _require(not bad, f"memory.{bad[0]}" if bad else "", "unknown MemoryConfig field")
-            data["memory"] = MemoryConfig(**mem)
+            data["memory"] = sparse_config_from_dict(mem)
         return cls(**data)
 
     @classmethod

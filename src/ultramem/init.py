@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
 
@@ -84,13 +84,14 @@ def init_linear(module: nn.Linear, std: float) -> None:
 
 
 @torch.no_grad()
-def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator) -> dict:
+def init_tucker_keys(keys: nn.Module, score_fn, n_samples: int, d_model: int,
+                     generator: torch.Generator) -> dict:
     """Keys ~ N(0, 1); cores diagonal-dominant; then scale the query/key gains so the mean of the
     selected (summed) scores is 1, measured by Monte Carlo on unit-variance input.
 
+    keys: a `TuckerProductKeys`; score_fn(x [T, h]) -> its selected per-core scores [T, m, c].
     Returns mean, sigma_s^2 (variance of summed selected scores) and E[G_k^2] (per-core).
     """
-    keys = layer.keys
     keys.keys.normal_(generator=generator)
     r = keys.tucker_rank
     decay = torch.tensor([0.25**p for p in range(r)])
@@ -99,8 +100,8 @@ def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator)
     keys.cores.copy_(base.unsqueeze(0) + noise)
     keys.query_gain.fill_(1.0)
     keys.key_gain.fill_(1.0)
-    x = torch.randn(n_samples, layer.d_model, generator=generator).to(keys.keys.device)
-    scores, _ = layer.retrieve(x)  # [T, m, c]
+    x = torch.randn(n_samples, d_model, generator=generator).to(keys.keys.device)
+    scores = score_fn(x)  # [T, m, c]
     mean = scores.sum(-1).mean().item()
     if not mean > 0:
         raise RuntimeError(f"score calibration failed: mean selected score {mean}")
@@ -115,6 +116,13 @@ def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator)
         "sigma_s2": total.var().item(),
         "score_second_moment": scores.pow(2).mean().item(),
     }
+
+
+@torch.no_grad()
+def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator) -> dict:
+    """`init_tucker_keys` for an UltraMemV2 layer's keys, through its real retrieval."""
+    return init_tucker_keys(layer.keys, lambda x: layer.retrieve(x)[0], n_samples, layer.d_model,
+                            generator)
 
 
 @torch.no_grad()
@@ -145,6 +153,106 @@ def init_memory_layer(layer: nn.Module, target_var: float, n_layers: int,
     return stats
 
 
+# ----------------------------------------------------------------------------- baselines
+
+
+def ultramem_v1_value_std(virtual_blocks: int, top_m: int, n_heads: int, n_layers: int) -> float:
+    """UltraMem v1 values: N(0, E / (2 m H L)) (REFERENCE.md section 4)."""
+    return math.sqrt(virtual_blocks / (2.0 * top_m * n_heads * n_layers))
+
+
+@torch.no_grad()
+def init_moe_layer(layer: nn.Module, n_layers: int, generator: torch.Generator) -> None:
+    """Router and expert gate/up maps std sqrt(2/(5h)); expert down maps as the FFN's."""
+    h = layer.d_model
+    layer.router.weight.normal_(std=linear_std(h), generator=generator)
+    layer.gate.normal_(std=linear_std(h), generator=generator)
+    layer.up.normal_(std=linear_std(h), generator=generator)
+    layer.down.normal_(std=ffn_output_std(h, n_layers), generator=generator)
+
+
+@torch.no_grad()
+def init_product_keys(pk: nn.Module, d_model: int, generator: torch.Generator) -> None:
+    """Query map std sqrt(2/(5h)); sub-keys N(0, 2/Dk), so a unit-variance query half scores
+    ~N(0, 1); norms at identity."""
+    pk.query.weight.normal_(std=linear_std(d_model), generator=generator)
+    pk.keys.normal_(std=math.sqrt(2.0 / pk.key_dim), generator=generator)
+    norm = getattr(pk, "norm", None)
+    if norm is not None:
+        norm.reset_parameters()
+        if isinstance(norm, nn.BatchNorm1d):
+            norm.reset_running_stats()
+    for gain in (getattr(pk, "query_gain", None), pk.key_gain):
+        if gain is not None:
+            gain.fill_(1.0)
+
+
+@torch.no_grad()
+def calibrate_table(layer: nn.Module, table: Tensor, target_var: float, n_samples: int,
+                    generator: torch.Generator) -> float:
+    """Draw `table` ~ N(0, 1), then rescale it so the layer's output variance on unit-variance
+    input equals target_var (the output is linear in the table). Returns the table's std."""
+    table.normal_(generator=generator)
+    x = torch.randn(n_samples, layer.d_model, generator=generator).to(table.device)
+    was_training = layer.training
+    layer.eval()  # BatchNorm query norms: use (identity) running statistics
+    var = layer(x).float().var().item()
+    layer.train(was_training)
+    std = math.sqrt(target_var / var)
+    table.mul_(std)
+    return std
+
+
+@torch.no_grad()
+def init_baseline_layer(layer: nn.Module, target_var: float, n_layers: int,
+                        generator: torch.Generator, init_tables: bool = True,
+                        n_samples: int = 1024) -> dict:
+    """PKM, PEER and Memory+: product keys as `init_product_keys`, dense maps std sqrt(2/(5h)),
+    tables scaled so the output variance at init equals the FFN's (the same balance as §4)."""
+    from ultramem.layers import MemoryPlusLayer, PEERLayer, PKMLayer
+
+    h = layer.d_model
+    init_product_keys(layer.pk, h, generator)
+    if isinstance(layer, PEERLayer):
+        layer.down.normal_(std=1.0 / math.sqrt(h), generator=generator)  # <u_s, x> ~ N(0, 1)
+        table = layer.up
+    elif isinstance(layer, MemoryPlusLayer):
+        layer.gate_proj.weight.normal_(std=linear_std(h), generator=generator)
+        layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
+        table = layer.store.values
+    elif isinstance(layer, PKMLayer):
+        if layer.out_proj is not None:
+            layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
+        table = layer.values
+    else:
+        raise TypeError(f"init_baseline_layer: unsupported layer {type(layer).__name__}")
+    stats = {"target_var": target_var}
+    if init_tables:
+        stats["value_std"] = calibrate_table(layer, table, target_var, n_samples, generator)
+    layer.init_stats = stats
+    return stats
+
+
+@torch.no_grad()
+def init_ultramem_v1_layer(layer: nn.Module, n_layers: int, generator: torch.Generator) -> dict:
+    """Query and output maps std sqrt(2/(5h)); each head's keys calibrated as UltraMemV2's;
+    values N(0, E / (2 m H L))."""
+    cfg, h = layer.cfg, layer.d_model
+    layer.query.weight.normal_(std=linear_std(h), generator=generator)
+    layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
+    stats: dict = {}
+    for keys in layer.heads:
+        def score_fn(x: Tensor, keys: nn.Module = keys) -> Tensor:
+            return keys.select(*keys.row_col_scores(layer.queries(x)), cfg.top_m, cfg.topk)[0]
+
+        stats = init_tucker_keys(keys, score_fn, cfg.init_samples, h, generator)
+    std = ultramem_v1_value_std(cfg.virtual_blocks, cfg.top_m, cfg.n_heads, n_layers)
+    layer.values.normal_(std=std, generator=generator)
+    stats["value_std"] = std
+    layer.init_stats = stats
+    return stats
+
+
 @torch.no_grad()
 def init_lm(model: nn.Module, seed: int = 0) -> None:
     """Initialise every weight of an `ultramem.LM` (REFERENCE.md section 4)."""
@@ -158,13 +266,28 @@ def init_lm(model: nn.Module, seed: int = 0) -> None:
     model.embed.weight.normal_(std=std, generator=gen)
     if model.head is not None:
         model.head.weight.normal_(std=std, generator=gen)
+    for module in model.modules():  # affine norms with a bias start at identity
+        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d) and module.bias is not None:
+            module.bias.zero_()
     ffn_var = swiglu_output_variance(h, cfg.ffn_hidden, L)
     for block in model.blocks:
-        for lin in (block.attn.qkv, block.attn.proj, block.ffn.gate, block.ffn.up):
+        for lin in (block.attn.qkv, block.attn.proj):
             lin.weight.normal_(std=std, generator=gen)
-        block.ffn.down.weight.normal_(std=ffn_output_std(h, L), generator=gen)
+        if block.ffn is not None:
+            for lin in (block.ffn.gate, block.ffn.up):
+                lin.weight.normal_(std=std, generator=gen)
+            block.ffn.down.weight.normal_(std=ffn_output_std(h, L), generator=gen)
     store = getattr(model, "value_store", None)
+    kind = cfg.memory.kind if cfg.memory is not None else None
     for i, layer in enumerate(model.memory_layers()):
         # A shared store is initialised once, from the first layer's statistics.
-        stats = init_memory_layer(layer, ffn_var, L, gen, init_tables=store is None or i == 0)
-        stats["paper_ffn_var"] = paper_ffn_output_variance(h, cfg.ffn_hidden, L)
+        first = store is None or i == 0
+        if kind == "ultramem_v2":
+            stats = init_memory_layer(layer, ffn_var, L, gen, init_tables=first)
+            stats["paper_ffn_var"] = paper_ffn_output_variance(h, cfg.ffn_hidden, L)
+        elif kind == "moe":
+            init_moe_layer(layer, L, gen)
+        elif kind == "ultramem_v1":
+            init_ultramem_v1_layer(layer, L, gen)
+        else:
+            init_baseline_layer(layer, ffn_var, L, gen, init_tables=first)

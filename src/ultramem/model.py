@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers import build_memory_layer, build_value_store
+from ultramem.layers.ffn import SwiGLU
 
 
 class RMSNorm(nn.Module):
@@ -61,33 +62,57 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, h))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+class SkipCarry:
+    """Outputs of skip-layer sparse layers (UltraMem v1) waiting for the block they join.
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    Block `read` stores its layer's output under the index of block `write`, which adds it to the
+    residual after its own update. Entries are overwritten, never accumulated, so an interrupted
+    forward leaves nothing behind that the next one would add.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, Tensor] = {}
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, memory: nn.Module | None):
+    """Pre-norm block: x = x + attn(n1(x)); u = n2(x); x = x + ffn(u) + sparse(u).
+
+    has_ffn=False drops the FFN where the sparse layer replaces it (MoE, PKM, PEER, Memory+).
+    write_at: the block after which the sparse layer's output joins the residual (default: this
+    one); a later block means skip-layer placement, handed over through the shared `carry`.
+    """
+
+    def __init__(self, cfg: ModelConfig, memory: nn.Module | None, *, has_ffn: bool = True,
+                 index: int = 0, write_at: int | None = None, carry: SkipCarry | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden) if has_ffn else None
         self.memory = memory
+        self.index = index
+        self.write_at = index if write_at is None else write_at
+        if self.write_at != index and carry is None:
+            raise ValueError(f"block {index}: output to block {self.write_at} needs a carry")
+        self.carry = carry
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         u = self.ffn_norm(x)  # the FFN's input is also the memory's input
-        out = self.ffn(u)
+        out = self.ffn(u) if self.ffn is not None else None
         if self.memory is not None:
-            out = out + self.memory(u)
-        return x + out
+            mem = self.memory(u)
+            if self.write_at == self.index:
+                out = mem if out is None else out + mem
+            else:
+                self.carry.pending[self.write_at] = mem
+        if out is not None:
+            x = x + out
+        if self.carry is not None:
+            late = self.carry.pending.pop(self.index, None)
+            if late is not None:
+                x = x + late
+        return x
 
 
 class LM(nn.Module):
@@ -102,14 +127,17 @@ class LM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.value_store = build_value_store(cfg)
-        mem_blocks = set(cfg.memory_blocks)
+        writes = dict(cfg.memory_placement)  # read block -> write block
+        ffn_blocks = set(cfg.ffn_blocks)
+        carry = SkipCarry() if any(r != w for r, w in writes.items()) else None
         blocks, slot = [], 0
         for i in range(cfg.n_layers):
             memory = None
-            if i in mem_blocks:
+            if i in writes:
                 memory = build_memory_layer(cfg, slot=slot, store=self.value_store)
                 slot += 1
-            blocks.append(Block(cfg, memory))
+            blocks.append(Block(cfg, memory, has_ffn=i in ffn_blocks, index=i,
+                                write_at=writes.get(i, i), carry=carry))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

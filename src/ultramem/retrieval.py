@@ -115,3 +115,23 @@ class TuckerProductKeys(nn.Module):
             frac = torch.bincount(picked, minlength=self.n_keys).float() / picked.numel()
             total = total + self.n_keys * (frac * probs).sum()
         return beta * total
+
+
+# ----------------------------------------------------------------------------- additive product keys
+
+
+def product_key_topk(s_first: Tensor, s_second: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Additive product-key search (PKM, PEER, Memory+): cell (i, j) scores s1[i] + s2[j].
+
+    s_first, s_second: [..., n] half-query scores. Keeps the top_k of each half, scores the
+    top_k^2 sums and returns the best top_k: scores [..., k] (descending, with gradients) and
+    cells [..., k] as i * n + j. Exact: the best k sums always lie among the k x k candidates.
+    """
+    n = s_first.shape[-1]
+    v1, i1 = s_first.topk(top_k, dim=-1)  # [..., k]
+    v2, i2 = s_second.topk(top_k, dim=-1)  # [..., k]
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # [..., k*k]
+    scores, pos = cand.topk(top_k, dim=-1)  # [..., k]
+    rows = i1.gather(-1, torch.div(pos, top_k, rounding_mode="floor"))
+    cols = i2.gather(-1, pos % top_k)
+    return scores, rows * n + cols

@@ -1,0 +1,77 @@
+"""Memory+ (Berges et al. 2024): PKM with qk-norm, values shared by all memory layers, and a
+gated output.
+
+Per token x [h]:
+  scores, rows = product-key top-k per head (RMS-normed query halves and sub-keys)
+  y     = sum_{heads, k} softmax(scores) * V[rows]          -> [Dv], V shared by every layer
+  out   = W_o (y * SiLU(W_s x))                              -> [h]
+The shared table lives in a `SharedValues` module owned by the model and passed to each layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ultramem.config import MemoryPlusConfig
+from ultramem.layers.pkm import ProductKeyQuery
+from ultramem.ops import weighted_lookup
+
+
+class SharedValues(nn.Module):
+    """One value table [N, Dv] read by every Memory+ layer of a model."""
+
+    def __init__(self, n_values: int, value_dim: int):
+        super().__init__()
+        self.values = nn.Parameter(torch.empty(n_values, value_dim))
+
+
+class MemoryPlusLayer(nn.Module):
+    """`forward(u [..., h]) -> [..., h]`; `store` is the model's `SharedValues`."""
+
+    def __init__(self, cfg: MemoryPlusConfig, d_model: int, *, slot: int = 0,
+                 store: SharedValues | None = None):
+        super().__init__()
+        if store is None:
+            raise ValueError("MemoryPlusLayer needs the model's SharedValues passed as store=")
+        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+        self.value_dim = cfg.value_dim or d_model
+        self.pk = ProductKeyQuery(d_model, cfg.n_keys, cfg.key_dim, cfg.n_heads, "rms",
+                                  key_norm=True)
+        self.gate_proj = nn.Linear(d_model, self.value_dim, bias=False)  # W_s
+        self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)  # W_o
+        # A plain attribute, not a submodule: the model owns the store, layers only borrow it.
+        object.__setattr__(self, "store", store)
+        self.init_stats: dict[str, float] = {}
+
+    def _flat(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.d_model:
+            raise ValueError(f"MemoryPlusLayer: input last dim {u.shape[-1]} != {self.d_model}")
+        return u.reshape(-1, self.d_model)
+
+    def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores [T, H*k] and rows of the shared table [T, H*k]."""
+        scores, cells = self.pk(self._flat(u), self.cfg.top_k)
+        return scores.flatten(1), cells.flatten(1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        lead = u.shape[:-1]
+        x = self._flat(u)  # [T, h]
+        scores, rows = self.pk(x, self.cfg.top_k)  # [T, H, k]
+        w = scores.softmax(-1).flatten(1)  # [T, H*k]
+        y = weighted_lookup(self.store.values, rows.flatten(1), w,
+                            sparse_grad=self.cfg.sparse_grad)  # [T, Dv]
+        out = self.out_proj(y.to(x.dtype) * F.silu(self.gate_proj(x)))  # [T, h]
+        return out.view(*lead, self.d_model)
+
+    def pop_aux_loss(self) -> Tensor | None:
+        return None
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.store.values]
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"n_keys={c.n_keys}, N={c.n_values} shared, Dk={c.key_dim}, heads={c.n_heads}, "
+                f"top_k={c.top_k}, Dv={self.value_dim}")

@@ -1,0 +1,63 @@
+"""PEER (He 2024): a pool of n_keys**2 single-neuron experts chosen by product keys.
+
+Per token x [h], per head (own query and sub-keys; the expert pool is shared):
+  scores, experts = product-key top-k            -> [H, k]
+  g_s   = softmax over the head's k scores        (router weights)
+  out   = sum_{heads, k} g_s * GELU(<u_s, x>) v_s  with u_s, v_s in R^h
+The down vectors u_s are read with `gather_dot` and the up vectors v_s with `weighted_lookup`,
+so only the selected experts' rows are touched, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ultramem.config import PEERConfig
+from ultramem.layers.pkm import ProductKeyQuery
+from ultramem.ops import gather_dot, weighted_lookup
+
+
+class PEERLayer(nn.Module):
+    """`forward(u [..., h]) -> [..., h]`."""
+
+    def __init__(self, cfg: PEERConfig, d_model: int, *, slot: int = 0, store: None = None):
+        super().__init__()
+        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+        self.pk = ProductKeyQuery(d_model, cfg.n_keys, cfg.key_dim, cfg.n_heads, cfg.query_norm)
+        self.down = nn.Parameter(torch.empty(cfg.n_values, d_model))  # u_s
+        self.up = nn.Parameter(torch.empty(cfg.n_values, d_model))  # v_s
+        self.init_stats: dict[str, float] = {}
+
+    def _flat(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.d_model:
+            raise ValueError(f"PEERLayer: input last dim {u.shape[-1]} != {self.d_model}")
+        return u.reshape(-1, self.d_model)
+
+    def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Router scores [T, H*k] and expert ids [T, H*k]."""
+        scores, cells = self.pk(self._flat(u), self.cfg.top_k)
+        return scores.flatten(1), cells.flatten(1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        lead = u.shape[:-1]
+        x = self._flat(u)  # [T, h]
+        scores, experts = self.pk(x, self.cfg.top_k)  # [T, H, k]
+        rows = experts.flatten(1)  # [T, H*k]
+        router = scores.softmax(-1).flatten(1)  # [T, H*k]
+        sparse = self.cfg.sparse_grad
+        a = gather_dot(self.down, rows, x, sparse_grad=sparse)  # [T, H*k]
+        weights = router * F.gelu(a.float())  # [T, H*k]
+        out = weighted_lookup(self.up, rows, weights, sparse_grad=sparse)  # [T, h]
+        return out.view(*lead, self.d_model)
+
+    def pop_aux_loss(self) -> Tensor | None:
+        return None
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.down, self.up]
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"experts={c.n_values}, heads={c.n_heads}, top_k={c.top_k}, Dk={c.key_dim}"

@@ -1,0 +1,109 @@
+"""Product-key memory, PKM (Lample et al. 2019), and the product-key query it shares with PEER
+and Memory+.
+
+Per token x [h], per head h_i (own query map and sub-keys; values shared by all heads):
+  q       = norm(W_q x)                      -> [H, Dk], split into halves q1, q2 [H, Dk/2]
+  s1, s2  = q1 K1^T, q2 K2^T                 -> [H, n] each
+  top-k   = best k of {s1[i] + s2[j]}        (exact, from the k x k candidates)
+  w       = softmax over the k scores        -> [H, k]
+  out     = sum_{heads, k} w * V[i * n + j]  -> [Dv] (then W_out when Dv != h)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ultramem.config import PKMConfig
+from ultramem.ops import weighted_lookup
+from ultramem.retrieval import product_key_topk, rms_norm
+
+
+class ProductKeyQuery(nn.Module):
+    """n_heads product-key searches over an n_keys x n_keys grid.
+
+    query_norm: "layer" (LayerNorm over each head's Dk), "batch" (BatchNorm over all heads'
+    queries, Lample's choice; it mixes tokens of a batch in training) or "rms" (RMSNorm of each
+    half, as in Memory+'s qk-norm). key_norm: RMSNorm the sub-keys too (qk-norm).
+    """
+
+    def __init__(self, d_model: int, n_keys: int, key_dim: int, n_heads: int,
+                 query_norm: str = "layer", key_norm: bool = False):
+        super().__init__()
+        self.n_keys, self.key_dim, self.n_heads = n_keys, key_dim, n_heads
+        self.query_norm = query_norm
+        half = key_dim // 2
+        self.query = nn.Linear(d_model, n_heads * key_dim, bias=False)
+        if query_norm == "batch":
+            self.norm = nn.BatchNorm1d(n_heads * key_dim)
+        elif query_norm == "layer":
+            self.norm = nn.LayerNorm(key_dim)
+        else:
+            self.query_gain = nn.Parameter(torch.ones(half))
+        self.keys = nn.Parameter(torch.empty(n_heads, 2, n_keys, half))  # [H, 2, n, Dk/2]
+        self.key_gain = nn.Parameter(torch.ones(half)) if key_norm else None
+
+    def half_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, h] -> s1, s2 [T, H, n]."""
+        t = x.shape[0]
+        q = self.query(x)  # [T, H*Dk]
+        if self.query_norm == "batch":
+            q = self.norm(q)
+        q = q.view(t, self.n_heads, 2, self.key_dim // 2)  # [T, H, 2, Dk/2]
+        if self.query_norm == "layer":
+            q = self.norm(q.flatten(-2)).view_as(q)
+        elif self.query_norm == "rms":
+            q = rms_norm(q, self.query_gain)
+        keys = self.keys if self.key_gain is None else rms_norm(self.keys, self.key_gain)
+        s = torch.einsum("thpd,hpnd->thpn", q, keys.to(q.dtype)).float()  # [T, H, 2, n]
+        return s[:, :, 0], s[:, :, 1]
+
+    def forward(self, x: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+        """x [T, h] -> scores [T, H, k] (float32, descending) and cells [T, H, k]."""
+        s1, s2 = self.half_scores(x)
+        return product_key_topk(s1, s2, top_k)
+
+
+class PKMLayer(nn.Module):
+    """Product-key memory layer: `forward(u [..., h]) -> [..., h]`."""
+
+    def __init__(self, cfg: PKMConfig, d_model: int, *, slot: int = 0, store: None = None):
+        super().__init__()
+        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+        self.value_dim = cfg.value_dim or d_model
+        self.pk = ProductKeyQuery(d_model, cfg.n_keys, cfg.key_dim, cfg.n_heads, cfg.query_norm)
+        self.values = nn.Parameter(torch.empty(cfg.n_values, self.value_dim))
+        self.out_proj = (nn.Linear(self.value_dim, d_model, bias=False)
+                         if self.value_dim != d_model else None)
+        self.init_stats: dict[str, float] = {}
+
+    def _flat(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.d_model:
+            raise ValueError(f"PKMLayer: input last dim {u.shape[-1]} != {self.d_model}")
+        return u.reshape(-1, self.d_model)
+
+    def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores [T, H*k] and value rows [T, H*k] of every head's selection."""
+        scores, cells = self.pk(self._flat(u), self.cfg.top_k)  # [T, H, k]
+        return scores.flatten(1), cells.flatten(1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        lead = u.shape[:-1]
+        x = self._flat(u)  # [T, h]
+        scores, rows = self.pk(x, self.cfg.top_k)  # [T, H, k]
+        w = scores.softmax(-1).flatten(1)  # [T, H*k]
+        y = weighted_lookup(self.values, rows.flatten(1), w, sparse_grad=self.cfg.sparse_grad)
+        out = y if self.out_proj is None else self.out_proj(y)  # [T, h]
+        return out.view(*lead, self.d_model)
+
+    def pop_aux_loss(self) -> Tensor | None:
+        return None
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The sparse tables (their optimizer may use sparse updates)."""
+        return [self.values]
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"n_keys={c.n_keys}, N={c.n_values}, Dk={c.key_dim}, heads={c.n_heads}, "
+                f"top_k={c.top_k}, Dv={self.value_dim}, norm={c.query_norm}")
