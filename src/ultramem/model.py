@@ -42,6 +42,78 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every attention layer for the tokens seen so far (incremental decoding).
+
+    Per layer a [B, H, capacity, d] buffer for keys and one for values; `pos` tokens are stored, so
+    the next token sits at RoPE position `pos`. `LM.forward(idx, cache=cache)` appends idx's keys
+    and values and advances `pos`. Capacity grows by doubling up to `max_len` (default
+    `cfg.max_seq_len`). The FFN and memory layers act on each token alone and need no cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, *, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 capacity: int = 64):
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.batch, self.n_layers = batch, cfg.n_layers
+        self.pos = 0
+        cap = min(capacity, self.max_len)
+        shape = (batch, cfg.n_heads, cap, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    @classmethod
+    def for_model(cls, model: LM, batch: int, **kwargs) -> KVCache:
+        """An empty cache on the model's device, in its dtype."""
+        w = model.embed.weight
+        return cls(model.cfg, batch, device=w.device, dtype=w.dtype, **kwargs)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` tokens (growing by doubling, at most max_len)."""
+        if total > self.max_len:
+            raise ValueError(f"KVCache: {total} tokens exceed max_len={self.max_len}")
+        if total <= self.capacity:
+            return
+        cap = min(max(total, 2 * self.capacity), self.max_len)
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                grown = buf.new_zeros(*buf.shape[:2], cap, buf.shape[3])
+                grown[:, :, : self.pos] = buf[:, :, : self.pos]
+                store[i] = grown
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def reorder_cache(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search, dropping finished sequences)."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                store[i] = buf.index_select(0, index.to(buf.device))
+        self.batch = int(index.numel())
+
+
+class LayerCache:
+    """What one attention layer needs beyond its input for one forward: its slot in a `KVCache`
+    (or none) and the step's attention mask ([B, 1, T, pos + T] bool, True = attend; None = causal).
+    """
+
+    def __init__(self, cache: KVCache | None, index: int, mask: Tensor | None):
+        self.cache, self.index, self.mask = cache, index, mask
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, H, T, d] at positions pos..pos+T-1; return all keys and values so far."""
+        if self.cache is None:
+            return k, v
+        c, end = self.cache, self.cache.pos + k.shape[2]
+        c.keys[self.index][:, :, c.pos:end] = k
+        c.values[self.index][:, :, c.pos:end] = v
+        return c.keys[self.index][:, :, :end], c.values[self.index][:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -51,14 +123,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                cache: LayerCache | None = None) -> Tensor:
+        """x [B, T, h]; cos/sin [T, d/2] for the positions of x (offset by the cache position)."""
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, d]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, d]
+        mask = None
+        if cache is not None:
+            mask = cache.mask
+            k, v = cache.update(k, v)  # [B, H, pos + T, d]
+        # No mask means causal: with a cache that holds only for T == 1 or an empty cache
+        # (LM.forward builds an explicit mask otherwise).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and t > 1)  # [B, H, T, d]
         return self.proj(y.transpose(1, 2).reshape(b, t, h))
 
 
@@ -96,8 +177,9 @@ class Block(nn.Module):
             raise ValueError(f"block {index}: output to block {self.write_at} needs a carry")
         self.carry = carry
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         u = self.ffn_norm(x)  # the FFN's input is also the memory's input
         out = self.ffn(u) if self.ffn is not None else None
         if self.memory is not None:
@@ -154,11 +236,12 @@ class LM(nn.Module):
         """The sparse memory layers, in block order."""
         return [b.memory for b in self.blocks if b.memory is not None]
 
-    def _check_input(self, idx: Tensor) -> None:
+    def _check_input(self, idx: Tensor, past: int = 0) -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be an integer [B, T] tensor, got {idx.dtype} {tuple(idx.shape)}")
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} > max_seq_len={self.cfg.max_seq_len}")
+        if past + idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past} cached + {idx.shape[1]} new > "
+                             f"max_seq_len={self.cfg.max_seq_len}")
         # Range check only where it costs no device sync; on GPUs the embedding asserts instead.
         if idx.device.type == "cpu" and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
@@ -167,13 +250,49 @@ class LM(nn.Module):
                     f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got [{lo}, {hi}]"
                 )
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        self._check_input(idx)
+    @staticmethod
+    def _attention_mask(t: int, past: int, attention_mask: Tensor | None,
+                        device: torch.device) -> Tensor | None:
+        """The [B or 1, 1, T, past + T] bool mask of one forward, or None when plain causal does."""
+        if attention_mask is None and (past == 0 or t == 1):
+            return None
+        total = past + t
+        q_pos = torch.arange(past, total, device=device)
+        k_pos = torch.arange(total, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, past + T]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != total:
+                raise ValueError(f"attention_mask must be [B, past + T] = [B, {total}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+            # A padding query may see no real key; letting every query see itself keeps its
+            # softmax finite (its output is never read by a real token).
+            mask = (mask & keep) | (k_pos[None, :] == q_pos[:, None])[None, None]
+        return mask
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx [B, T] -> (logits [B, T, V], loss or None).
+
+        cache: a `KVCache` holding the previous tokens; idx continues them (RoPE positions start at
+        cache.pos) and the cache advances by T. attention_mask: [B, past + T], 1 for real tokens and
+        0 for padding (left-padded batches); padding keys are never attended to.
+        """
+        past = 0 if cache is None else cache.pos
+        self._check_input(idx, past)
         t = idx.shape[1]
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        cos, sin = self.rope_cos[past:past + t], self.rope_sin[past:past + t]
+        mask = self._attention_mask(t, past, attention_mask, idx.device)
+        if cache is not None:
+            if cache.batch != idx.shape[0]:
+                raise ValueError(f"cache holds batch {cache.batch}, idx has batch {idx.shape[0]}")
+            cache.reserve(past + t)
         x = self.embed(idx)  # [B, T, h]
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        plain = cache is None and mask is None
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if plain else LayerCache(cache, i, mask))
+        if cache is not None:
+            cache.advance(t)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         aux = None
@@ -191,18 +310,71 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Sample continuations of idx [B, T] (greedy when temperature == 0)."""
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, *,
+                 attention_mask: Tensor | None = None, eos_token_id: int | None = None,
+                 use_cache: bool = True) -> Tensor:
+        """Continue idx [B, T] by max_new_tokens tokens -> [B, T + max_new_tokens].
+
+        temperature == 0 is greedy; otherwise sample from softmax(logits / temperature), restricted
+        to the top_k tokens and/or the smallest set whose probability reaches top_p.
+        attention_mask [B, T] marks real tokens of left-padded prompts (1) and padding (0).
+        After a row emits eos_token_id it repeats it; generation stops once every row has.
+        With use_cache, each step runs only the new token against a `KVCache`; when the sequence
+        reaches max_seq_len the cache is refilled from the last max_seq_len // 2 tokens (without a
+        cache, each step reads the last max_seq_len tokens, as a full forward would).
+        """
+        b = idx.shape[0]
+        mask = None if attention_mask is None else attention_mask.to(idx.device, torch.long)
+        done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+        cache: KVCache | None = None
+        fed = 0  # tokens of idx the cache holds
+        limit = self.cfg.max_seq_len
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.max_seq_len:])
-            logits = logits[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
+            if not use_cache:
+                window = idx[:, -limit:]
+                wmask = None if mask is None else mask[:, -limit:]
+                logits, _ = self(window, attention_mask=wmask)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                if cache is None or cache.pos + (idx.shape[1] - fed) > limit:
+                    keep = min(idx.shape[1], limit if cache is None else limit // 2)
+                    cache, fed = KVCache.for_model(self, b), idx.shape[1] - keep
+                    cache.reserve(min(limit, keep + max_new_tokens))
+                new = idx[:, fed:]
+                cmask = None if mask is None else mask[:, idx.shape[1] - cache.pos - new.shape[1]:]
+                logits, _ = self(new, cache=cache, attention_mask=cmask)
+                fed = idx.shape[1]
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_token_id)
+                done |= nxt[:, 0] == eos_token_id
             idx = torch.cat([idx, nxt], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
         return idx
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids [B, 1] from last-position logits [B, V]; temperature == 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        # Drop a token when the more likely tokens before it already reach top_p (keeps >= 1).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
