@@ -1,0 +1,179 @@
+"""`prepare`: local text -> tokenizer + packed token shards with a train/validation split.
+
+Inputs: `.txt` files (one document each), `.jsonl` files (one document per line, its "text"
+field), folders (every .txt/.jsonl inside, in sorted path order), and built-in sources that need
+no download: `builtin:facts` (the generated fact world) and `builtin:python` (text that ships with
+Python). Documents keep their input order, so the output is deterministic.
+
+Split: with at least 20 documents, every k-th document (k = round(1 / val_fraction)) goes to
+validation; with fewer, the last val_fraction of each document (cut at a newline when possible)
+does. Documents end with the end-of-text token (BPE) or a newline (bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ultramem.data.shards import META, token_dtype
+from ultramem.data.tokenizer import BPETokenizer, ByteTokenizer, train_bpe
+
+BUILTIN = ("builtin:facts", "builtin:python")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class DataError(ValueError):
+    """Input that cannot be prepared: missing, unreadable, malformed or empty."""
+
+
+def _files(source: str) -> list[Path]:
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file or directory")
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not found:
+            raise DataError(f"{source}: folder holds no .txt or .jsonl files")
+        return found
+    if path.suffix not in TEXT_SUFFIXES:
+        raise DataError(f"{source}: expected a .txt or .jsonl file, got {path.suffix!r}")
+    return [path]
+
+
+def _read_file(path: Path) -> Iterator[str]:
+    try:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+            return
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{path}:{lineno}: expected an object with a string 'text'")
+                yield obj["text"]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _builtin(name: str, seed: int) -> Iterator[str]:
+    from ultramem.data import builtin
+
+    if name == "builtin:facts":
+        yield builtin.fact_text(builtin.fact_world(64, seed=seed), repeats=6, seed=seed)
+    elif name == "builtin:python":
+        yield builtin.python_text()
+
+
+def iter_documents(sources: list[str], seed: int = 0) -> Iterator[str]:
+    """Every non-empty document of sources, in order. Raises DataError on bad input."""
+    if not sources:
+        raise DataError("no input given")
+    for source in sources:
+        if source.startswith("builtin:"):
+            if source not in BUILTIN:
+                raise DataError(f"{source}: unknown built-in source; known: {list(BUILTIN)}")
+            yield from _builtin(source, seed)
+            continue
+        for path in _files(source):
+            for doc in _read_file(path):
+                if doc.strip():
+                    yield doc
+
+
+def _split(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    if val_fraction <= 0:
+        return docs, []
+    if len(docs) >= 20:
+        every = max(2, round(1 / val_fraction))
+        val = [d for i, d in enumerate(docs) if i % every == every - 1]
+        train = [d for i, d in enumerate(docs) if i % every != every - 1]
+        return train, val
+    train, val = [], []
+    for doc in docs:
+        cut = int(len(doc) * (1 - val_fraction))
+        nl = doc.rfind("\n", 0, cut)
+        cut = nl + 1 if nl > len(doc) // 2 else cut
+        train.append(doc[:cut])
+        val.append(doc[cut:])
+    return train, val
+
+
+def _encode(tok: ByteTokenizer | BPETokenizer, doc: str) -> list[int]:
+    if tok.eos_id is None:
+        return tok.encode(doc if doc.endswith("\n") else doc + "\n")
+    return tok.encode(doc) + [tok.eos_id]
+
+
+def _write_split(tok, docs: list[str], out: Path, split: str, shard_tokens: int) -> dict[str, Any]:
+    dtype = token_dtype(tok.vocab_size)
+    names: list[str] = []
+    total = 0
+
+    def open_next():
+        name = f"{split}_{len(names):03d}.bin"
+        names.append(name)
+        return (out / name).open("wb"), 0
+
+    fh, in_shard = open_next()
+    for doc in docs:
+        ids = _encode(tok, doc)
+        while ids:
+            room = shard_tokens - in_shard
+            if room == 0:
+                fh.close()
+                fh, in_shard = open_next()
+                room = shard_tokens
+            part, ids = ids[:room], ids[room:]
+            np.asarray(part, dtype=dtype).tofile(fh)
+            in_shard += len(part)
+            total += len(part)
+    fh.close()
+    return {"shards": names, "n_tokens": total}
+
+
+def prepare(
+    sources: list[str], out_dir: str | Path, *, tokenizer: str = "bytes", vocab_size: int = 4096,
+    val_fraction: float = 0.05, shard_tokens: int = 1 << 26, seed: int = 0,
+) -> dict[str, Any]:
+    """Tokenize sources into out_dir (meta.json, shards, tokenizer.json for BPE); returns meta."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if shard_tokens < 2:
+        raise DataError(f"shard_tokens must be >= 2, got {shard_tokens}")
+    docs = list(iter_documents(sources, seed))
+    if not docs:
+        raise DataError(f"inputs {sources} hold no text")
+    train_docs, val_docs = _split(docs, val_fraction)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bytes":
+        tok: ByteTokenizer | BPETokenizer = ByteTokenizer()
+    elif tokenizer == "bpe":
+        tok = train_bpe(iter(train_docs), vocab_size)
+    else:
+        raise DataError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
+    spec = tok.save(out)
+    splits = {"train": _write_split(tok, train_docs, out, "train", shard_tokens)}
+    if val_docs:
+        splits["val"] = _write_split(tok, val_docs, out, "val", shard_tokens)
+    meta = {
+        "version": 1, "sources": sources, "tokenizer": spec, "vocab_size": tok.vocab_size,
+        "dtype": token_dtype(tok.vocab_size).name, "n_documents": len(docs), "splits": splits,
+        "val_fraction": val_fraction, "seed": seed,
+    }
+    tmp = out / (META + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / META)  # meta.json appears only once every shard is written
+    return meta

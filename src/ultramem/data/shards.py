@@ -1,0 +1,95 @@
+"""Packed token shards on disk (numpy memmap) and a deterministic, resumable batch order.
+
+A prepared data directory holds `meta.json` and, per split, one or more raw shard files
+(`train_000.bin`, ...; uint16 when the vocabulary fits, else uint32). Training reads windows of
+seq_len + 1 tokens at stride seq_len inside each shard. The order is a pure function of
+(seed, sample index): sample k lies in epoch k // n_windows at position
+permutation(seed, epoch)[k % n_windows]. A run's data position is therefore one integer, and
+resuming at sample k reproduces the uninterrupted order exactly, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+META = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `ultramem prepare` to create {data_dir}")
+    return json.loads(path.read_text())
+
+
+class TokenShards:
+    """The shards of one split, memory-mapped read-only."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.dir = Path(data_dir)
+        meta = read_meta(self.dir)
+        if split not in meta["splits"]:
+            raise ValueError(f"split {split!r} not in {self.dir}; has {sorted(meta['splits'])}")
+        dtype = np.dtype(meta["dtype"])
+        self.shards = [np.memmap(self.dir / name, dtype=dtype, mode="r")
+                       for name in meta["splits"][split]["shards"]]
+        self.n_tokens = sum(len(s) for s in self.shards)
+        self.vocab_size = int(meta["vocab_size"])
+
+
+@dataclass
+class BatchOrder:
+    """Deterministic batches of windows from `shards`.
+
+    `batch(k)` returns micro-batch k of this rank: x, y [batch_size, seq_len] int64.
+    Global sample index of row i: (k * world + rank) * batch_size + i.
+    """
+
+    shards: TokenShards
+    seq_len: int
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        counts = [max(0, (len(s) - 1) // self.seq_len) for s in self.shards.shards]
+        self.n_windows = sum(counts)
+        if self.n_windows == 0:
+            raise ValueError(
+                f"no window of {self.seq_len + 1} tokens fits in {self.shards.dir} "
+                f"({self.shards.n_tokens} tokens): use a shorter seq_len or more data"
+            )
+        self._starts = np.cumsum([0] + counts)  # first window index of each shard
+        self._perm_epoch, self._perm = -1, None
+
+    def _window(self, j: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._starts, j, side="right") - 1)
+        off = (j - int(self._starts[shard])) * self.seq_len
+        return self.shards.shards[shard][off : off + self.seq_len + 1]
+
+    def sample(self, k: int) -> np.ndarray:
+        epoch, j = divmod(k, self.n_windows)
+        if self.shuffle:
+            if epoch != self._perm_epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._perm, self._perm_epoch = rng.permutation(self.n_windows), epoch
+            j = int(self._perm[j])
+        return self._window(j)
+
+    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (k * self.world + self.rank) * self.batch_size
+        rows = np.stack([self.sample(first + i) for i in range(self.batch_size)]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]

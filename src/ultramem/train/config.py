@@ -1,0 +1,180 @@
+"""`TrainConfig`: every knob of a training run, a frozen dataclass validated field by field.
+
+Also: building a (ModelConfig, TrainConfig) pair from a preset, a YAML file and `key=value`
+overrides, the way `ultramem train` does. Override keys: `model.FIELD`, `model.memory.FIELD`,
+and `FIELD` or `train.FIELD` for this dataclass. Values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ultramem.config import ConfigError, ModelConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+VALUE_LR_SCHEDULES = ("constant", "v1")
+VALUE_UPDATES = ("sparse", "dense")
+VALUE_OPTIMIZERS = ("adam", "adagrad")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+def _require(ok: bool, name: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {reason}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. lr schedule: linear warmup, then cosine to min_lr_ratio * lr, or
+    warmup-stable-decay (`wsd`: flat, then linear decay over the last decay_frac of steps).
+
+    Value and pre-value tables form their own group: lr = schedule(step) * value_lr_scale *
+    multiplier, the multiplier constant 1 (`constant`, the paper's choice) or UltraMem v1's linear
+    4x -> 1x decay (`v1`). value_update `sparse` gives them row-sparse gradients and a lazy row
+    update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
+    grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
+    A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    value_lr_schedule: str = "constant"
+    value_lr_scale: float = 1.0
+    value_weight_decay: float = 0.0
+    value_update: str = "sparse"
+    value_optimizer: str = "adam"
+    grad_clip: float = 1.0
+    value_grad_clip: float = 1.0
+    precision: str = "fp32"
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    tensorboard: bool = True
+    plot: bool = True
+    parallel: str = "ddp"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
+                     "log_every", "keep_last", "max_bad_steps"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
+                     f"must be a positive integer, got {v!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
+        _require(0 < self.decay_frac <= 1, "decay_frac", "must lie in (0, 1]")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must lie in [0, 1)")
+        for name in ("weight_decay", "value_weight_decay", "grad_clip", "value_grad_clip", "eps"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.value_lr_scale > 0, "value_lr_scale", "must be > 0")
+        for name, allowed in (("schedule", SCHEDULES), ("value_lr_schedule", VALUE_LR_SCHEDULES),
+                              ("value_update", VALUE_UPDATES),
+                              ("value_optimizer", VALUE_OPTIMIZERS),
+                              ("precision", PRECISIONS), ("parallel", PARALLEL)):
+            _require(getattr(self, name) in allowed, name,
+                     f"must be one of {allowed}, got {getattr(self, name)!r}")
+        _require(not (self.value_update == "dense" and self.value_optimizer == "adagrad"),
+                 "value_optimizer", "adagrad is the sparse path's option; dense uses AdamW")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(data) - known)
+        _require(not bad, bad[0] if bad else "", "unknown TrainConfig field")
+        return cls(**data)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or list: '3e-4' -> 0.0003, 'true' -> True, '[0, 2]' -> [0, 2]."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(model: dict[str, Any], train: dict[str, Any],
+                    overrides: list[str]) -> None:
+    """Apply `key=value` strings to the model and train dicts in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected key=value, got {item!r}")
+        value = parse_value(text)
+        parts = key.split(".")
+        if parts[0] == "model":
+            target, parts = model, parts[1:]
+        else:
+            target, parts = train, parts[1:] if parts[0] == "train" else parts
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set: {key}: {p} is not a section")
+        if not parts:
+            raise ConfigError(f"--set: {key}: names a section, not a field")
+        target[parts[-1]] = value
+
+
+def build_configs(preset: str | None = None, config_file: str | Path | None = None,
+                  overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig, dict]:
+    """(model config, train config, extra) from a preset, a YAML file and overrides.
+
+    The YAML file may hold `preset`, `model` (field changes; `memory` as a nested mapping),
+    `train` (TrainConfig fields) and `data` (a prepared data directory), returned in extra.
+    """
+    file_cfg: dict[str, Any] = {}
+    if config_file is not None:
+        import yaml
+
+        file_cfg = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(file_cfg, dict):
+            raise ConfigError(f"{config_file}: expected a mapping at the top level")
+        bad = sorted(set(file_cfg) - {"preset", "model", "train", "data"})
+        _require(not bad, bad[0] if bad else "", f"unknown section in {config_file}")
+    preset = preset or file_cfg.get("preset") or "tiny"
+    model_changes = dict(file_cfg.get("model") or {})
+    train_changes = dict(file_cfg.get("train") or {})
+    apply_overrides(model_changes, train_changes, overrides or [])
+    base = ModelConfig.preset(preset).to_dict()
+    mem_changes = model_changes.pop("memory", None)
+    base.update(model_changes)
+    if mem_changes is not None:
+        if base.get("memory") is None or mem_changes is False:
+            base["memory"] = None if mem_changes in (None, False) else mem_changes
+        else:
+            base["memory"] = {**base["memory"], **mem_changes}
+    model_cfg = ModelConfig.from_dict(base)
+    train_cfg = TrainConfig.from_dict(train_changes)
+    return model_cfg, train_cfg, {"preset": preset, "data": file_cfg.get("data")}

@@ -1,0 +1,161 @@
+"""torch.distributed for the trainer: process group setup, DDP / FSDP2 wrapping, table gradients.
+
+Launched by `torchrun` (WORLD_SIZE > 1 in the environment), or a single process otherwise, in
+which case every helper here is a no-op. Backend: nccl on CUDA, gloo on CPU.
+
+- Dense weights: `DistributedDataParallel`, or FSDP2 `fully_shard` per block and at the root
+  (`parallel=fsdp`).
+- Value and pre-value tables are kept out of DDP / FSDP (ignored parameters) and replicated on
+  every rank. Their gradients are reduced here after backward: sparse gradients by all-gathering
+  each rank's touched rows (indices and values, padded to the largest count) and summing, so the
+  traffic is rows read, not table size; dense ones by all-reduce. Sharding the tables by columns
+  (each rank holding a Dv slice) is not implemented yet: it needs the layer's lookup to accept a
+  column-sharded table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ultramem.train.optim import is_table
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def device(self, requested: torch.device) -> torch.device:
+        if requested.type == "cuda" and self.active:
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def mean(self, value: Tensor) -> Tensor:
+        """Mean of a scalar tensor over ranks (on CPU; gloo or nccl handles the move)."""
+        if not self.active:
+            return value
+        t = value.detach().clone().double()
+        if dist.get_backend() == "nccl":
+            t = t.cuda(self.local_rank)
+        dist.all_reduce(t)
+        return (t / self.world).cpu()
+
+    def no_sync(self, model: nn.Module, skip: bool):
+        """DDP's no_sync during the first grad_accum - 1 micro-batches."""
+        if skip and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def reduce_table_grads(self, model: nn.Module) -> None:
+        """Average the value-table gradients over ranks (they are outside DDP / FSDP)."""
+        if not self.active:
+            return
+        for name, p in model.named_parameters():
+            if not is_table(name) or p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                p.grad = _all_gather_sparse(p.grad.coalesce(), self.world) / self.world
+            else:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+
+def _all_gather_sparse(grad: Tensor, world: int) -> Tensor:
+    """Sum of a row-sparse COO gradient over ranks, moving only touched rows."""
+    idx, val = grad.indices()[0], grad.values()  # [U], [U, D]
+    count = torch.tensor([idx.numel()], device=idx.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = int(max(int(c) for c in counts))
+    pad_idx = torch.zeros(most, dtype=idx.dtype, device=idx.device)
+    pad_idx[: idx.numel()] = idx
+    pad_val = torch.zeros(most, *val.shape[1:], dtype=val.dtype, device=val.device)
+    pad_val[: idx.numel()] = val
+    all_idx = [torch.empty_like(pad_idx) for _ in range(world)]
+    all_val = [torch.empty_like(pad_val) for _ in range(world)]
+    dist.all_gather(all_idx, pad_idx)
+    dist.all_gather(all_val, pad_val)
+    rows = torch.cat([i[: int(c)] for i, c in zip(all_idx, counts, strict=True)])
+    vals = torch.cat([v[: int(c)] for v, c in zip(all_val, counts, strict=True)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), vals, grad.shape).coalesce()
+
+
+def setup() -> DistContext:
+    """Join the torchrun process group if WORLD_SIZE > 1 (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+def table_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if is_table(name)]
+
+
+def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
+    """The module the training step calls: model itself, DDP, or FSDP2-sharded model."""
+    if not ctx.active:
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = set(table_params(model))
+        for block in model.blocks:
+            fully_shard(block, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = [name for name, _ in model.named_parameters() if is_table(name)]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
+    return DDP(model, device_ids=device_ids)
+
+
+def full_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """A module whose state_dict holds full tensors (gathers FSDP shards); call on all ranks."""
+    if not ctx.active or not _is_fsdp(model):
+        return model
+    from torch.distributed.tensor import DTensor
+
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v)
+            for k, v in model.state_dict().items()}
+    return _StateOnly(full)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class _StateOnly(nn.Module):
+    """Holds a plain state_dict for `safetensors.torch.save_model`."""
+
+    def __init__(self, state: dict[str, Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return dict(self._state)

@@ -1,0 +1,131 @@
+"""Row-sparse updates for value tables: a lazy Adam and a row-wise Adagrad.
+
+With `memory.sparse_grad=True` a table's gradient is a sparse COO tensor holding only the rows
+the step read (a few thousand of millions). Dense AdamW would still touch every row each step
+(moments decay, weight decay), so step time and memory traffic would grow with table size. These
+optimizers touch only the rows present in the gradient. What that changes, honestly:
+
+- `RowSparseAdam` (lazy Adam): a row's moments decay and its bias correction advances only on
+  steps that read it (a per-row step count), i.e. each row runs Adam over the steps that touched
+  it, as if untouched steps did not exist. Dense Adam would keep shrinking an idle row's
+  momentum and keep moving it by that momentum; here an idle row stays where it is. Weight decay
+  (decoupled) likewise applies only to touched rows.
+- `RowAdagrad`: one accumulated squared-gradient scalar per row (the mean over the row's
+  columns), the update g / (sqrt(G_row) + eps); state is one float per row instead of two per
+  entry. Its effective learning rate only decays, so it wants a larger lr than Adam.
+
+Both also accept dense gradients (then they update every row the same way), so a table can be
+moved between paths without changing the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(row indices or None for all rows, gradient rows)."""
+    if grad.is_sparse:
+        g = grad.coalesce()
+        return g.indices()[0], g.values()
+    return None, grad
+
+
+class RowSparseAdam(torch.optim.Optimizer):
+    """Lazy Adam(W) over rows: only rows present in a sparse gradient are updated."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["row_steps"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                rows, g = _rows_and_values(p.grad)
+                if rows is None:
+                    rows = torch.arange(p.shape[0], device=p.device)
+                g = g.to(p.dtype)
+                m, v, n = state["exp_avg"], state["exp_avg_sq"], state["row_steps"]
+                n_r = n[rows] + 1  # [U]
+                n[rows] = n_r
+                m_r = m[rows].mul_(b1).add_(g, alpha=1 - b1)  # [U, D]
+                v_r = v[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+                m[rows], v[rows] = m_r, v_r
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                corr1 = (1 - b1 ** n_r.to(p.dtype)).view(shape)
+                corr2 = (1 - b2 ** n_r.to(p.dtype)).view(shape)
+                update = (m_r / corr1) / ((v_r / corr2).sqrt_().add_(eps))
+                p_r = p[rows]
+                if wd:
+                    p_r.mul_(1 - lr * wd)
+                p[rows] = p_r.sub_(update, alpha=lr)
+        return None
+
+
+class RowAdagrad(torch.optim.Optimizer):
+    """Row-wise Adagrad: G_row += mean(g_row^2); row -= lr * g_row / (sqrt(G_row) + eps)."""
+
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["row_sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+                rows, g = _rows_and_values(p.grad)
+                if rows is None:
+                    rows = torch.arange(p.shape[0], device=p.device)
+                g = g.to(p.dtype)
+                acc = state["row_sum"]
+                acc_r = acc[rows] + g.pow(2).flatten(1).mean(1)  # [U]
+                acc[rows] = acc_r
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                p_r = p[rows]
+                if wd:
+                    p_r.mul_(1 - lr * wd)
+                p[rows] = p_r.sub_(g / (acc_r.sqrt().add_(eps).view(shape)), alpha=lr)
+        return None
+
+
+def grad_norm(params: list[Tensor]) -> Tensor:
+    """Global L2 norm of the gradients of params, sparse ones coalesced in place first."""
+    sq = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sq.append(p.grad.values().float().pow(2).sum())
+        else:
+            sq.append(p.grad.float().pow(2).sum())
+    if not sq:
+        return torch.zeros(())
+    return torch.stack(sq).sum().sqrt()
+
+
+def clip_grads(params: list[Tensor], max_norm: float) -> float:
+    """Clip dense or sparse gradients to max_norm by global norm (0 = no clip); returns the norm."""
+    norm = grad_norm(params)
+    total = float(norm)
+    if max_norm > 0 and total > max_norm and torch.isfinite(norm):
+        scale = max_norm / (total + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total
