@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ultramem.config import MemoryConfig
-from ultramem.ops import gather_dot, weighted_lookup
+from ultramem.ops import memory_read
 from ultramem.retrieval import TuckerProductKeys
 
 
@@ -127,10 +127,9 @@ class UltraMemV2Layer(nn.Module):
         scores, rows, s_row, s_col = self._retrieve(x)  # [T, m, c], [T, m]
         values, pre_values = self.tables()
         rows = self.table_rows(rows)
-        sparse = self.cfg.sparse_grad
-        a = gather_dot(pre_values, rows, self.pre_proj(x), sparse_grad=sparse)  # [T, m]
-        weights = a.unsqueeze(-1) * scores  # [T, m, c]
-        y = weighted_lookup(values, rows, weights, sparse_grad=sparse)  # [T, Dv]
+        # a_s = <pre_value[s], W_pre x>; y = sum_s a_s * G_k(s) * value[s][slice k]
+        y = memory_read(values, pre_values, rows, scores, self.pre_proj(x),
+                        sparse_grad=self.cfg.sparse_grad)  # [T, Dv]
         out = self.out_proj(y.to(self.out_proj.weight.dtype))  # [T, h]
         self._aux_loss = self._auxiliary(s_row, s_col) if torch.is_grad_enabled() else None
         return out.view(*lead, self.d_model)

@@ -3,8 +3,9 @@
 from ultramem.ops.lookup import (
     gather_dot,
     gather_dot_reference,
+    memory_read,
     weighted_lookup,
     weighted_lookup_reference,
 )
 
-__all__ = ["gather_dot", "gather_dot_reference", "weighted_lookup", "weighted_lookup_reference"]
+__all__ = ["gather_dot", "gather_dot_reference", "memory_read", "weighted_lookup", "weighted_lookup_reference"]

@@ -183,3 +183,29 @@ def gather_dot(
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     return _GatherDot.apply(table, rows, x, sparse_grad)
+
+
+def memory_read(values: Tensor, pre_values: Tensor, rows: Tensor, scores: Tensor, xp: Tensor,
+                *, sparse_grad: bool = False, impl: str = "auto") -> Tensor:
+    """The memory layer's read: a = gather_dot(pre_values, rows, xp), then
+    weighted_lookup(values, rows, a * scores) -> [T, Dv].
+
+    impl: "reference" (plain PyTorch), "fast" (embedding_bag), "triton" (fused kernels in
+    `ultramem.ops.triton_lookup`), or "auto": triton for CUDA tables when triton is installed and
+    dense gradients are wanted, else fast.
+    """
+    if impl == "auto":
+        impl = "triton" if values.is_cuda and not sparse_grad and _has_triton() else "fast"
+    if impl == "triton":
+        from ultramem.ops.triton_lookup import fused_memory_read
+
+        return fused_memory_read(values, pre_values, rows, scores, xp)
+    a = gather_dot(pre_values, rows, xp, sparse_grad=sparse_grad, impl=impl)  # [T, m]
+    return weighted_lookup(values, rows, a.unsqueeze(-1) * scores, sparse_grad=sparse_grad,
+                           impl=impl)  # [T, Dv]
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
