@@ -121,3 +121,59 @@ def test_sampled_generate_is_reproducible(tiny_model, prompts):
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
+
+
+def _kind_configs(base):
+    from ultramem.config import SPARSE_CONFIGS
+
+    small = base.replace(n_layers=2)
+    cfgs = {kind: small.replace(memory=cls()) for kind, cls in SPARSE_CONFIGS.items()}
+    cfgs["ultramem_v1_skip"] = small.replace(memory=SPARSE_CONFIGS["ultramem_v1"](pairs=((0, 1),)))
+    cfgs["ultramem_v2_shared"] = small.replace(memory={"share_group": 2})
+    cfgs["dense"] = small.replace(memory=None)
+    return cfgs
+
+
+@pytest.mark.parametrize("kind", ["ultramem_v2", "moe", "pkm", "peer", "memory_plus",
+                                  "ultramem_v1", "ultramem_v1_skip", "ultramem_v2_shared", "dense"])
+@torch.no_grad()
+def test_cache_matches_full_forward_every_architecture(tiny_cfg, kind):
+    model = LM(_kind_configs(tiny_cfg)[kind], seed=0).eval()
+    idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    full, _ = model(idx)
+    cache = KVCache.for_model(model, 2)
+    parts = [model(idx[:, :5], cache=cache)[0]]
+    parts += [model(idx[:, i : i + 1], cache=cache)[0] for i in range(5, 12)]
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < TOL
+
+
+def _write_checkpoint(model, path, tokenizer=None):
+    """The checkpoint layout `ultramem generate` reads: config.json + model.safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "ultramem-checkpoint", "version": 1, "step": 0,
+            "model": model.cfg.to_dict(), "tokenizer": tokenizer or {"kind": "bytes"}}
+    (path / "config.json").write_text(json.dumps(meta))
+    save_model(model, str(path / "model.safetensors"))
+    (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_generate_command_batches_prompts(tiny_model, tmp_path, capsys):
+    from ultramem.cli import main
+
+    ckpt = _write_checkpoint(tiny_model, tmp_path / "ckpt")
+    prompts = ["The capital", "ab", "héllo"]
+    args = ["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "6"]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert main(args) == 0
+    expected = ""
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt.encode())])
+        alone = tiny_model.generate(ids, 6, temperature=0)[0, ids.shape[1] :].tolist()
+        expected += prompt + bytes(alone).decode("utf-8", errors="replace") + "\n"
+    assert capsys.readouterr().out == expected

@@ -1,0 +1,155 @@
+"""`ultramem generate --checkpoint DIR --prompt TEXT`: continue prompts with a trained model.
+
+A checkpoint directory holds `config.json` (`{"model": ModelConfig.to_dict(), "tokenizer": spec,
+...}`) and `model.safetensors` (the LM's state_dict). The trainer's loader
+(`ultramem.train.checkpoint`) is used when present; otherwise a minimal loader for exactly that
+layout. Tokenizer: UTF-8 bytes, or the `tokenizer.json` (HF tokenizers format) that config.json's
+"tokenizer" entry names in the same directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class _Bytes:
+    """Token ids are UTF-8 bytes (vocabulary 256)."""
+
+    eos_id = None
+    file: Path | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class _TokenizerFile:
+    """A `tokenizer.json` in HF tokenizers format; `<|endoftext|>` is the end token if present."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.file = path
+        self.tok = Tokenizer.from_file(str(path))
+        self.eos_id = self.tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def tokenizer_file(ckpt: Path, spec: Any) -> Path | None:
+    """The tokenizer.json a config.json "tokenizer" entry points at, or None for bytes."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name = spec
+    elif isinstance(spec, dict) and spec.get("kind", "bpe") != "bytes":
+        name = spec.get("file", "tokenizer.json")
+    else:
+        return None
+    path = ckpt / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt}/config.json names tokenizer {name!r}, not found there")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(LM, tokenizer) from a checkpoint directory (or a run directory, with the trainer's loader).
+
+    The tokenizer has encode/decode, `eos_id` and `file` (its tokenizer.json, None for bytes).
+    """
+    path = Path(path)
+    try:
+        from ultramem.train import checkpoint as ck
+    except ImportError:
+        ck = None
+    if ck is not None and hasattr(ck, "load_model") and hasattr(ck, "resolve"):
+        ckpt = ck.resolve(path)
+        model = ck.load_model(ckpt, device=device)
+    else:
+        ckpt, model = path, _load_model(path, device)
+    meta = json.loads((ckpt / "config.json").read_text())
+    file = tokenizer_file(ckpt, meta.get("tokenizer"))
+    tok = _TokenizerFile(file) if file is not None else _Bytes()
+    return model, tok
+
+
+def _load_model(ckpt: Path, device: str):
+    """config.json["model"] + model.safetensors -> LM (safetensors only, no pickle)."""
+    from safetensors.torch import load_model
+
+    from ultramem.config import ModelConfig
+    from ultramem.model import LM
+
+    for name in ("config.json", "model.safetensors"):
+        if not (ckpt / name).is_file():
+            raise FileNotFoundError(f"{ckpt}: no {name} (not a checkpoint directory)")
+    cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())["model"])
+    model = LM(cfg, init=False)
+    load_model(model, str(ckpt / "model.safetensors"), strict=True, device=device)
+    return model.to(device)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue prompts with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or run directory)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch (left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="recompute the sequence every step")
+    p.set_defaults(func=run)
+
+
+def generate_texts(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0, use_cache: bool = True) -> list[str]:
+    """The continuations (new text only) of prompts, batched with left padding."""
+    device = next(model.parameters()).device
+    encoded = [tok.encode(p) for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("prompts must not be empty")
+    width = max(len(e) for e in encoded)
+    idx = torch.zeros(len(encoded), width, dtype=torch.long)
+    mask = torch.zeros_like(idx)
+    for r, e in enumerate(encoded):
+        idx[r, width - len(e):] = torch.tensor(e)
+        mask[r, width - len(e):] = 1
+    uniform = bool(mask.all())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = model.generate(idx.to(device), max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, generator=gen, use_cache=use_cache,
+                         attention_mask=None if uniform else mask.to(device),
+                         eos_token_id=tok.eos_id)
+    texts = []
+    for row in out[:, width:].tolist():
+        if tok.eos_id is not None and tok.eos_id in row:
+            row = row[: row.index(tok.eos_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tok = load_checkpoint(args.checkpoint, device=args.device)
+    texts = generate_texts(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, use_cache=not args.no_cache)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        sys.stdout.write(prompt + text + "\n")
+    return 0
