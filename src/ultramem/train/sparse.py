@@ -28,6 +28,8 @@ def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
     """(row indices or None for all rows, gradient rows)."""
     if grad.is_sparse:
         g = grad.coalesce()
+        if g.sparse_dim() != 1:  # element-sparse: regroup by rows
+            g = g.to_dense().to_sparse(sparse_dim=1)
         return g.indices()[0], g.values()
     return None, grad
 

@@ -1,0 +1,130 @@
+"""`ultramem prepare`: inputs, tokenizers, shards, splits, errors; the deterministic batch order."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from ultramem.cli import main as cli_main
+from ultramem.data.prepare import DataError, prepare
+from ultramem.data.shards import BatchOrder, TokenShards, read_meta
+from ultramem.data.tokenizer import load_tokenizer
+
+
+def _all_tokens(data_dir, split) -> np.ndarray:
+    return np.concatenate([np.asarray(s) for s in TokenShards(data_dir, split).shards])
+
+
+def test_bytes_round_trip_txt_jsonl_and_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("first line\nsecond line\nthird line ends here\n")
+    (src / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": "héllo world"}) + "\n\n" + json.dumps({"text": "bye"}) + "\n")
+    (src / "ignored.bin").write_bytes(b"\x00\x01")
+    meta = prepare([str(src)], tmp_path / "out", val_fraction=0.25, shard_tokens=16)
+    assert meta["n_documents"] == 3 and meta["dtype"] == "uint16"
+    train, val = _all_tokens(tmp_path / "out", "train"), _all_tokens(tmp_path / "out", "val")
+    assert len(meta["splits"]["train"]["shards"]) == -(-len(train) // 16)  # 16-token shards
+    tok = load_tokenizer(meta["tokenizer"], tmp_path / "out")
+    text_train, text_val = tok.decode(train.tolist()), tok.decode(val.tolist())
+    # Few documents: the last quarter of each (cut at a newline past its middle, else at the
+    # character) goes to validation, in input order; each part ends with a newline.
+    assert text_train == "first line\nsecond line\nthird line\nh\u00e9llo wo\nby\n"
+    assert text_val == " ends here\nrld\ne\n"
+
+
+def test_document_split_with_many_documents(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": f"doc {i:02d}"}) + "\n" for i in range(40)))
+    prepare([str(f)], tmp_path / "out", val_fraction=0.1)
+    val = load_tokenizer({"kind": "bytes"}, tmp_path).decode(_all_tokens(tmp_path / "out", "val"))
+    assert val.split("\n")[:-1] == [f"doc {i:02d}" for i in range(9, 40, 10)]
+
+
+def test_bpe_is_trained_saved_and_reloaded(tmp_path):
+    meta = prepare(["builtin:facts", "builtin:python"], tmp_path / "bpe", tokenizer="bpe",
+                   vocab_size=600)
+    assert (tmp_path / "bpe" / "tokenizer.json").is_file()
+    assert 257 < meta["vocab_size"] <= 600
+    tok = load_tokenizer(meta["tokenizer"], tmp_path / "bpe")
+    text = "The pet of Ada Berg is a cat.\nBeautiful is better than ugly."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode()) / 1.5  # it learned merges
+    train = _all_tokens(tmp_path / "bpe", "train")
+    assert train.max() < meta["vocab_size"] and (train == tok.eos_id).sum() == 2
+    # Deterministic: the same inputs give the same tokens.
+    prepare(["builtin:facts", "builtin:python"], tmp_path / "bpe2", tokenizer="bpe",
+            vocab_size=600)
+    assert np.array_equal(train, _all_tokens(tmp_path / "bpe2", "train"))
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: str(p / "missing.txt"), "no such file"),
+    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no .txt or .jsonl"),
+    (lambda p: (p / "e.txt").write_text("  \n") and str(p / "e.txt"), "hold no text"),
+    (lambda p: (p / "x.csv").write_text("a,b") and str(p / "x.csv"), "expected a .txt or .jsonl"),
+    (lambda p: (p / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and str(p / "bad.jsonl"),
+     r"bad.jsonl:2: invalid JSON"),
+    (lambda p: (p / "nt.jsonl").write_text('{"body": "x"}\n') and str(p / "nt.jsonl"),
+     "string 'text'"),
+    (lambda p: (p / "latin.txt").write_bytes(b"caf\xe9") and str(p / "latin.txt"), "not UTF-8"),
+    (lambda p: "builtin:nope", "unknown built-in"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, setup, match):
+    source = setup(tmp_path)
+    with pytest.raises(DataError, match=match):
+        prepare([source], tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_prepare_cli(tmp_path, capsys):
+    assert cli_main(["prepare", "builtin:facts", "--out", str(tmp_path / "d")]) == 0
+    assert "prepared 1 documents" in capsys.readouterr().out
+    assert read_meta(tmp_path / "d")["tokenizer"] == {"kind": "bytes", "vocab_size": 256}
+    assert cli_main(["prepare", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]) == 2
+    assert "no such file" in capsys.readouterr().out
+
+
+def test_batch_order_is_deterministic_complete_and_rank_consistent(tmp_path):
+    f = tmp_path / "t.txt"
+    rng = random.Random(0)
+    f.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1000)))
+    prepare([str(f)], tmp_path / "d", val_fraction=0, shard_tokens=300)
+    shards = TokenShards(tmp_path / "d", "train")
+    assert len(shards.shards) == 4  # 1001 tokens (with the final newline) in 300-token shards
+    order = BatchOrder(shards, seq_len=10, batch_size=3, seed=5)
+    assert order.n_windows == 29 + 29 + 29 + 10  # (len - 1) // seq_len per shard
+    # One epoch visits every window once; windows never cross a shard boundary.
+    seen = {order.sample(k).tobytes() for k in range(order.n_windows)}
+    assert len(seen) == order.n_windows
+    expected = {np.asarray(s[o:o + 11]).tobytes() for s in shards.shards
+                for o in range(0, len(s) - 10, 10)}
+    assert seen == expected
+    # Same seed, same batches; another epoch, another order.
+    again = BatchOrder(shards, seq_len=10, batch_size=3, seed=5)
+    x1, y1 = order.batch(7)
+    x2, y2 = again.batch(7)
+    assert (x1 == x2).all() and (y1 == y2).all() and (x1[:, 1:] == y1[:, :-1]).all()
+    first = [order.sample(k).tobytes() for k in range(order.n_windows)]
+    second = [order.sample(k + order.n_windows).tobytes() for k in range(order.n_windows)]
+    assert first != second and sorted(first) == sorted(second)
+    # Two ranks with batch 3 cover exactly what one process with batch 6 sees.
+    big = BatchOrder(shards, seq_len=10, batch_size=6, seed=5)
+    r0 = BatchOrder(shards, seq_len=10, batch_size=3, seed=5, rank=0, world=2)
+    r1 = BatchOrder(shards, seq_len=10, batch_size=3, seed=5, rank=1, world=2)
+    for k in (0, 13):
+        xb, _ = big.batch(k)
+        assert (xb[:3] == r0.batch(k)[0]).all() and (xb[3:] == r1.batch(k)[0]).all()
+
+
+def test_batch_order_rejects_too_little_data(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("short")
+    prepare([str(f)], tmp_path / "d", val_fraction=0)
+    with pytest.raises(ValueError, match="no window of 65 tokens"):
+        BatchOrder(TokenShards(tmp_path / "d", "train"), seq_len=64, batch_size=2)
