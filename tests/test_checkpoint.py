@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors round trip, atomic directories, keep-last, and exact resume after kill -9."""
+"""Checkpoints: safetensors round trip, atomic directories, keep-last, exact resume on kill -9."""
 
 from __future__ import annotations
 
