@@ -564,8 +564,79 @@ def _umv2_1b() -> ModelConfig:
     )
 
 
+# ----------------------------------------------------------------------------- matched families
+#
+# `<family>/<arch>` for arch in ARCHS: every member has the same activated parameters as the
+# family's reference (within 0.1%) and the same total within 3% (dense: activated only), so a
+# comparison inside a family is at equal compute and equal size. The free sizes (ffn_hidden and
+# n_keys) were solved against `ultramem.accounting.count_params`; tests/test_presets.py checks.
+# Reference: tiny and small: the OLMoE-style MoE (64 experts, top-8); 227m: UltraMemV2-227M/1.2B
+# of paper Table 10 (= preset "umv2-227m-1.2b"), with OLMoE, UltraMem v1 and Memory+ following
+# the table's shapes. PKM, PEER and Memory+ replace the FFN of the blocks they sit in.
+
+ARCHS: tuple[str, ...] = (
+    "dense", "moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2",
+)
+
+_TINY = dict(vocab_size=256, n_layers=4, d_model=128, n_heads=4, max_seq_len=256)
+_SMALL = dict(vocab_size=4096, n_layers=8, d_model=256, n_heads=8, max_seq_len=512)
+_227M = dict(vocab_size=50304, n_layers=20, d_model=768, n_heads=12, max_seq_len=4096)
+
+# family -> (shared fields, {arch: (ffn_hidden, sparse config)}). An MoE replaces every FFN, so
+# its ffn_hidden (the dense width of its top-k experts) is not instantiated.
+_FAMILIES: dict[str, tuple[dict[str, Any], dict[str, tuple[int, Any]]]] = {
+    "tiny": (_TINY, {
+        "dense": (277, None),
+        "moe": (256, MoEConfig(n_experts=64, top_k=8, expert_hidden=32)),
+        "pkm": (301, PKMConfig(n_keys=147, key_dim=64, n_heads=4, top_k=16, layers=(2,))),
+        "peer": (242, PEERConfig(n_keys=74, key_dim=64, n_heads=8, top_k=8, layers=(1, 3))),
+        "memory_plus": (367, MemoryPlusConfig(n_keys=147, key_dim=64, n_heads=2, top_k=16,
+                                              layers=(1, 3))),
+        "ultramem_v1": (113, UltraMemV1Config(n_keys=146, key_dim=32, n_heads=2, top_m=16,
+                                              value_dim=64, pairs=((0, 1), (2, 3)))),
+        "ultramem_v2": (176, MemoryConfig(n_keys=104, key_dim=32, top_m=16, value_dim=32,
+                                          pre_value_dim=32)),
+    }),
+    "small": (_SMALL, {
+        "dense": (533, None),
+        "moe": (512, MoEConfig(n_experts=64, top_k=8, expert_hidden=64)),
+        "pkm": (594, PKMConfig(n_keys=208, key_dim=128, n_heads=4, top_k=32, layers=(2, 5))),
+        "peer": (503, PEERConfig(n_keys=147, key_dim=128, n_heads=8, top_k=16, layers=(2, 5))),
+        "memory_plus": (586, MemoryPlusConfig(n_keys=294, key_dim=128, n_heads=2, top_k=32,
+                                              layers=(2, 5))),
+        "ultramem_v1": (369, UltraMemV1Config(n_keys=293, key_dim=64, n_heads=2, top_m=32,
+                                              value_dim=128, pairs=((1, 3), (4, 6)))),
+        "ultramem_v2": (351, MemoryConfig(n_keys=147, key_dim=64, top_m=32, value_dim=64,
+                                          pre_value_dim=64)),
+    }),
+    "227m": (_227M, {
+        "dense": (3003, None),
+        "moe": (2984, MoEConfig(n_experts=64, top_k=8, expert_hidden=373)),
+        "pkm": (3522, PKMConfig(n_keys=557, key_dim=384, n_heads=4, top_k=32,
+                                layers=(3, 8, 13, 18))),
+        "peer": (3474, PEERConfig(n_keys=394, key_dim=256, n_heads=8, top_k=16,
+                                  layers=(3, 8, 13, 18))),
+        "memory_plus": (3455, MemoryPlusConfig(n_keys=1113, key_dim=384, n_heads=2, top_k=80,
+                                               layers=(3, 8, 13, 18))),
+        "ultramem_v1": (2634, UltraMemV1Config(
+            n_keys=787, key_dim=192, n_heads=2, top_m=80, value_dim=384,
+            pairs=((2, 5), (6, 9), (10, 13), (14, 17)))),
+        "ultramem_v2": (2496, MemoryConfig(n_keys=352, key_dim=192, top_m=32, value_dim=192,
+                                           pre_value_dim=192)),
+    }),
+}
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def _member(family: str, arch: str) -> Callable[[], ModelConfig]:
+    shared, archs = _FAMILIES[family]
+    ffn_hidden, sparse = archs[arch]
+    return lambda: ModelConfig(**shared, ffn_hidden=ffn_hidden, memory=sparse)
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": _tiny,
     "umv2-227m-1.2b": _umv2_227m,
     "umv2-1b-7b": _umv2_1b,
+    **{f"{fam}/{arch}": _member(fam, arch) for fam in _FAMILIES for arch in ARCHS},
 }

@@ -173,10 +173,12 @@ def init_moe_layer(layer: nn.Module, n_layers: int, generator: torch.Generator) 
 
 @torch.no_grad()
 def init_product_keys(pk: nn.Module, d_model: int, generator: torch.Generator) -> None:
-    """Query map std sqrt(2/(5h)); sub-keys N(0, 2/Dk), so a unit-variance query half scores
-    ~N(0, 1); norms at identity."""
+    """Query map std sqrt(2/(5h)); sub-keys uniform on the unit sphere, so a unit-variance query
+    half scores ~N(0, 1). Equal key norms matter: with Gaussian keys the longer ones win the
+    top-k for most queries at init and fewer rows are read. Norms start at identity."""
     pk.query.weight.normal_(std=linear_std(d_model), generator=generator)
-    pk.keys.normal_(std=math.sqrt(2.0 / pk.key_dim), generator=generator)
+    pk.keys.normal_(generator=generator)
+    pk.keys.div_(pk.keys.norm(dim=-1, keepdim=True))
     norm = getattr(pk, "norm", None)
     if norm is not None:
         norm.reset_parameters()

@@ -35,9 +35,10 @@ class MoELayer(nn.Module):
         self._aux_loss: Tensor | None = None
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router logits [T, E] (float32), top-k weights [T, k] and expert ids [T, k]."""
+        """Router logits [T, E] (float32 or wider), top-k weights [T, k] and expert ids [T, k]."""
         x = u.reshape(-1, self.d_model)
-        logits = self.router(x).float()  # [T, E]
+        logits = self.router(x)  # [T, E], at least float32
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.cfg.top_k, dim=-1)  # [T, k]
         if self.cfg.renormalize:

@@ -24,7 +24,8 @@ class ProductKeyQuery(nn.Module):
 
     query_norm: "layer" (LayerNorm over each head's Dk), "batch" (BatchNorm over all heads'
     queries, Lample's choice; it mixes tokens of a batch in training) or "rms" (RMSNorm of each
-    half, as in Memory+'s qk-norm). key_norm: RMSNorm the sub-keys too (qk-norm).
+    half, as in Memory+'s qk-norm; half scores are then divided by sqrt(Dk/2) as in attention).
+    key_norm: RMSNorm the sub-keys too (qk-norm).
     """
 
     def __init__(self, d_model: int, n_keys: int, key_dim: int, n_heads: int,
@@ -56,6 +57,8 @@ class ProductKeyQuery(nn.Module):
             q = rms_norm(q, self.query_gain)
         keys = self.keys if self.key_gain is None else rms_norm(self.keys, self.key_gain)
         s = torch.einsum("thpd,hpnd->thpn", q, keys.to(q.dtype)).float()  # [T, H, 2, n]
+        if self.query_norm == "rms":  # unit-RMS halves: scale the dot product as attention does
+            s = s * (self.key_dim // 2) ** -0.5
         return s[:, :, 0], s[:, :, 1]
 
     def forward(self, x: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

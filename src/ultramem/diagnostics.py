@@ -1,0 +1,123 @@
+"""Memory diagnostics, computed outside `forward` (forward never logs or syncs).
+
+Given a sparse layer and a batch of its inputs, re-run only its selection and report how the
+memory is used: the fraction of value rows read at least once, the KL divergence of row usage to
+uniform, the Gini coefficient of usage, the mean/std of the selected scores, the Tucker cores'
+singular values (UltraMem v1/v2); for an MoE, the load of each expert.
+`model_diagnostics(model, idx)` captures every sparse layer's input with hooks and does this for
+each one. The trainer reads these; layers never compute them on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------- usage statistics
+
+
+def row_counts(rows: Tensor, n_rows: int) -> Tensor:
+    """How often each of n_rows rows was selected, [n_rows] (float)."""
+    return torch.bincount(rows.reshape(-1), minlength=n_rows).float()
+
+
+def kl_to_uniform(counts: Tensor) -> float:
+    """KL(usage || uniform) in nats: 0 when every row is read equally, log N for a single row."""
+    p = counts.double() / counts.sum()
+    nz = p[p > 0]
+    return float((nz * (nz * counts.numel()).log()).sum())
+
+
+def gini(counts: Tensor) -> float:
+    """Gini coefficient of usage: 0 for equal use, (N - 1) / N when one row takes everything."""
+    x = counts.double().sort().values
+    n = x.numel()
+    index = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * index - n - 1) * x).sum() / (n * x.sum()))
+
+
+def usage_stats(counts: Tensor) -> dict[str, float]:
+    """fraction_used, kl_uniform and gini of a row-count vector."""
+    return {
+        "fraction_used": float((counts > 0).double().mean()),
+        "kl_uniform": kl_to_uniform(counts),
+        "gini": gini(counts),
+        "kl_uniform_max": math.log(counts.numel()),
+    }
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+def _n_rows(layer: nn.Module) -> int:
+    from ultramem.layers import MemoryPlusLayer, UltraMemV2Layer
+
+    if isinstance(layer, UltraMemV2Layer):
+        return layer.cfg.n_values
+    if isinstance(layer, MemoryPlusLayer):
+        return layer.store.values.shape[0]
+    return layer.cfg.n_values
+
+
+@torch.no_grad()
+def expert_load(layer: nn.Module, u: Tensor) -> Tensor:
+    """Fraction of the top-k assignments each expert of an MoE layer receives, [E]."""
+    _, _, experts = layer.route(u)
+    counts = row_counts(experts, layer.cfg.n_experts)
+    return counts / counts.sum()
+
+
+def tucker_singular_values(layer: nn.Module) -> Tensor | None:
+    """Singular values of each Tucker core, [c, r] (UltraMem v2) or [H, c, r] (v1), else None."""
+    from ultramem.layers import UltraMemV1Layer, UltraMemV2Layer
+
+    if isinstance(layer, UltraMemV2Layer):
+        return torch.linalg.svdvals(layer.keys.cores.detach().float())
+    if isinstance(layer, UltraMemV1Layer):
+        return torch.stack([torch.linalg.svdvals(k.cores.detach().float()) for k in layer.heads])
+    return None
+
+
+@torch.no_grad()
+def layer_diagnostics(layer: nn.Module, u: Tensor) -> dict[str, Any]:
+    """Usage and score statistics of one sparse layer on inputs u [..., h]."""
+    from ultramem.layers import MoELayer
+
+    if isinstance(layer, MoELayer):
+        load = expert_load(layer, u)
+        stats = usage_stats(load)
+        stats.update(kind="moe", expert_load=load.tolist(),
+                     max_load=float(load.max() * layer.cfg.n_experts))
+        return stats
+    scores, rows = layer.retrieve(u)
+    if scores.dim() == 3:  # per-core scores: rank by their sum
+        scores = scores.sum(-1)
+    stats = usage_stats(row_counts(rows, _n_rows(layer)))
+    stats.update(kind=layer.cfg.kind, score_mean=float(scores.mean()),
+                 score_std=float(scores.std()))
+    sv = tucker_singular_values(layer)
+    if sv is not None:
+        stats["tucker_singular_values"] = sv.tolist()
+    return stats
+
+
+@torch.no_grad()
+def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
+    """`layer_diagnostics` for every sparse layer of an `ultramem.LM` on the batch idx [B, T]."""
+    layers = model.memory_layers()
+    inputs: dict[int, Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        for i, layer in enumerate(layers)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(idx)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [layer_diagnostics(layer, inputs[i]) for i, layer in enumerate(layers)]

@@ -1,0 +1,108 @@
+"""MoE: the grouped fast path equals a per-token loop, one expert equals the dense FFN, and the
+router and auxiliary losses behave as documented."""
+
+import pytest
+import torch
+
+from ultramem import LM, ModelConfig
+from ultramem.config import ConfigError, MoEConfig
+from ultramem.init import init_moe_layer
+from ultramem.layers import MoELayer, SwiGLU
+
+
+def _layer(**kw) -> MoELayer:
+    cfg = MoEConfig(**{"n_experts": 8, "top_k": 3, "expert_hidden": 12, **kw})
+    layer = MoELayer(cfg, d_model=16)
+    init_moe_layer(layer, n_layers=2, generator=torch.Generator().manual_seed(0))
+    return layer.double()
+
+
+def _grads(layer, x, fn):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in layer.named_parameters()}
+    return out.detach(), x.grad.clone(), grads
+
+
+@pytest.mark.parametrize("style", ["olmoe", "mixtral"])
+def test_grouped_matches_per_token_loop(style):
+    kw = {} if style == "olmoe" else {"top_k": 2, "renormalize": True}
+    layer = _layer(**kw)
+    x = torch.randn(2, 15, 16, dtype=torch.float64)
+    out, gx, gp = _grads(layer, x, layer)
+    ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
+    err = (out - ref).abs().max().item()
+    print(f"MoE {style}: max |grouped - loop| output {err:.2e}")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-12)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert gp["router.weight"].abs().sum() > 0  # the router learns through its weights
+
+
+def test_one_expert_is_the_dense_ffn():
+    layer = _layer(n_experts=1, top_k=1, balance_loss=0.0, z_loss=0.0)
+    ffn = SwiGLU(16, 12).double()
+    with torch.no_grad():
+        ffn.gate.weight.copy_(layer.gate[0].T)
+        ffn.up.weight.copy_(layer.up[0].T)
+        ffn.down.weight.copy_(layer.down[0].T)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    out, gx, gp = _grads(layer, x, layer)
+    ref, rgx, _ = _grads(ffn, x, ffn)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rgx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gp["down"][0], ffn.down.weight.grad.T)
+
+
+def test_routing_is_dropless_and_weights_follow_the_style():
+    x = torch.randn(64, 16, dtype=torch.float64)
+    olmoe = _layer()
+    _, w, experts = olmoe.route(x)
+    assert experts.shape == (64, 3)
+    assert all(len(set(row)) == 3 for row in experts.tolist())  # k distinct experts per token
+    assert (w.sum(-1) < 1).all()  # OLMoE: softmax probabilities, not renormalised
+    mixtral = _layer(top_k=2, renormalize=True)
+    _, w, _ = mixtral.route(x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(64, dtype=w.dtype))
+    assert MoEConfig.mixtral(32).n_experts == 8 and MoEConfig.mixtral(32).top_k == 2
+
+
+def test_auxiliary_losses_formula_and_only_with_grad():
+    layer = _layer()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    layer(x)
+    loss = layer.pop_aux_loss()
+    logits, _, experts = layer.route(x)
+    frac = torch.bincount(experts.reshape(-1), minlength=8).double() / experts.numel()
+    balance = 0.01 * 8 * (frac * logits.softmax(-1).mean(0)).sum()
+    z = 0.001 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(loss, balance + z)
+    assert layer.pop_aux_loss() is None  # popped
+    with torch.no_grad():
+        layer(x)
+    assert layer.pop_aux_loss() is None
+
+
+def test_lm_adds_moe_aux_loss_to_training_loss():
+    cfg = ModelConfig.preset("tiny/moe", max_seq_len=16)
+    model = LM(cfg)
+    idx = torch.randint(0, 256, (2, 16))
+    _, loss = model(idx, idx)
+    aux = model.aux_loss
+    assert aux is not None and aux.item() > 0
+    with torch.no_grad():
+        _, plain = model(idx, idx)
+    assert model.aux_loss is None
+    torch.testing.assert_close(loss - aux, plain, rtol=1e-5, atol=1e-5)
+    assert all(b.ffn is None for b in model.blocks)  # the MoE replaces every FFN
+
+
+def test_moe_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="^top_k"):
+        MoEConfig(n_experts=4, top_k=5)
+    with pytest.raises(ConfigError, match="^balance_loss"):
+        MoEConfig(balance_loss=-1.0)
