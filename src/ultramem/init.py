@@ -62,7 +62,7 @@ def paper_ffn_output_variance(d_model: int, ffn_hidden: int, n_layers: int) -> f
 
 def memory_output_variance(value_std: float, d_model: int, pre_value_dim: int, value_dim: int,
                            top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
-    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's formula with E[G^2] = 1 + sigma_s^2)."""
+    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's, with E[G^2] = 1 + sigma_s^2)."""
     return (0.16 * value_std**4 * pre_value_dim * top_m * n_heads * value_dim
             * score_second_moment / d_model)
 
@@ -262,7 +262,7 @@ def init_lm(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     h, L = cfg.d_model, cfg.n_layers
     std = linear_std(h)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 1:  # norm gains
             p.fill_(1.0)
     model.embed.weight.normal_(std=std, generator=gen)

@@ -1,0 +1,73 @@
+"""Memory diagnostics: known values on hand-made usage, sane values on real layers."""
+
+import math
+
+import pytest
+import torch
+
+from ultramem import LM, ModelConfig
+from ultramem.diagnostics import (
+    expert_load,
+    gini,
+    kl_to_uniform,
+    layer_diagnostics,
+    model_diagnostics,
+    row_counts,
+    usage_stats,
+)
+
+
+def test_usage_statistics_on_known_distributions():
+    uniform = torch.full((10,), 3.0)
+    assert kl_to_uniform(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert gini(uniform) == pytest.approx(0.0, abs=1e-12)
+    one_hot = torch.zeros(10)
+    one_hot[4] = 7.0
+    assert kl_to_uniform(one_hot) == pytest.approx(math.log(10))
+    assert gini(one_hot) == pytest.approx(0.9)
+    half = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    stats = usage_stats(half)
+    assert stats["fraction_used"] == 0.5
+    assert stats["kl_uniform"] == pytest.approx(math.log(2))
+    assert stats["gini"] == pytest.approx(0.5)
+    assert row_counts(torch.tensor([[0, 2], [2, 2]]), 4).tolist() == [1.0, 0.0, 3.0, 0.0]
+
+
+def test_expert_load_counts_assignments():
+    model = LM(ModelConfig.preset("tiny/moe", max_seq_len=16))
+    layer = model.memory_layers()[0]
+    u = torch.randn(50, 128)
+    load = expert_load(layer, u)
+    _, _, experts = layer.route(u)
+    assert load.sum().item() == pytest.approx(1.0)
+    e = int(experts[0, 0])
+    assert load[e].item() == pytest.approx((experts == e).sum().item() / experts.numel())
+
+
+@pytest.mark.parametrize("arch", ["moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2"])
+def test_model_diagnostics_per_layer(arch):
+    cfg = ModelConfig.preset(f"tiny/{arch}", max_seq_len=16)
+    model = LM(cfg).train()
+    stats = model_diagnostics(model, torch.randint(0, 256, (4, 16)))
+    assert len(stats) == len(model.memory_layers())
+    assert model.training  # mode restored
+    for s in stats:
+        assert 0 < s["fraction_used"] <= 1
+        assert 0 <= s["gini"] < 1 and 0 <= s["kl_uniform"] <= s["kl_uniform_max"]
+        if arch != "moe":
+            assert s["score_std"] > 0
+    if arch.startswith("ultramem"):
+        sv = torch.tensor(stats[0]["tucker_singular_values"])
+        assert sv.shape[-1] == 2 and (sv[..., 0] >= sv[..., 1]).all()
+
+
+def test_diagnostics_see_collapsed_usage():
+    # Tokens that are all the same read the same rows: usage concentrates and the stats say so.
+    model = LM(ModelConfig.preset("tiny/ultramem_v2", max_seq_len=16))
+    layer = model.memory_layers()[0]
+    same = torch.randn(1, 128).expand(64, 128)
+    varied = torch.randn(64, 128)
+    a, b = layer_diagnostics(layer, same), layer_diagnostics(layer, varied)
+    assert a["fraction_used"] == pytest.approx(16 / layer.cfg.n_values)
+    assert a["fraction_used"] < b["fraction_used"]
+    assert a["kl_uniform"] > b["kl_uniform"] and a["gini"] > b["gini"]
