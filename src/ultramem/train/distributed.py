@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ultramem.train.optim import is_table
+from ultramem.train.optim import table_parameters
 
 
 @dataclass
@@ -65,8 +65,8 @@ class DistContext:
         """Average the value-table gradients over ranks (they are outside DDP / FSDP)."""
         if not self.active:
             return
-        for name, p in model.named_parameters():
-            if not is_table(name) or p.grad is None:
+        for p in table_parameters(model).values():
+            if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 p.grad = _all_gather_sparse(p.grad.coalesce(), self.world) / self.world
@@ -109,10 +109,6 @@ def setup() -> DistContext:
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
 
 
-def table_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in model.named_parameters() if is_table(name)]
-
-
 def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
     """The module the training step calls: model itself, DDP, or FSDP2-sharded model."""
     if not ctx.active:
@@ -120,14 +116,14 @@ def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
     if cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        ignored = set(table_params(model))
+        ignored = set(table_parameters(model).values())
         for block in model.blocks:
             fully_shard(block, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    names = [name for name, _ in model.named_parameters() if is_table(name)]
+    names = list(table_parameters(model))
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
     return DDP(model, device_ids=device_ids)

@@ -21,8 +21,20 @@ TABLE_NAMES = ("values", "pre_values")
 
 
 def is_table(name: str) -> bool:
-    """True for value and pre-value tables (a layer's own or a shared store's)."""
+    """True for value and pre-value tables by name (a layer's own or a shared store's)."""
     return name.rsplit(".", 1)[-1] in TABLE_NAMES
+
+
+def table_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the sparse tables: named values / pre_values, plus whatever a
+    sparse layer lists in `value_parameters()` (e.g. PEER's expert tables)."""
+    listed: set[int] = set()
+    layers = model.memory_layers() if hasattr(model, "memory_layers") else []
+    for layer in layers:
+        if hasattr(layer, "value_parameters"):
+            listed.update(id(p) for p in layer.value_parameters())
+    return {name: p for name, p in model.named_parameters()
+            if is_table(name) or id(p) in listed}
 
 
 def is_no_decay(name: str, p: nn.Parameter) -> bool:
@@ -32,10 +44,11 @@ def is_no_decay(name: str, p: nn.Parameter) -> bool:
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """{'decay': [...], 'no_decay': [...], 'values': [...]} over trainable parameters."""
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "values": []}
+    tables = {id(p) for p in table_parameters(model).values()}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_table(name):
+        if id(p) in tables:
             groups["values"].append(p)
         elif is_no_decay(name, p):
             groups["no_decay"].append(p)

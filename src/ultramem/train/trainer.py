@@ -28,7 +28,7 @@ from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.config import TrainConfig
 from ultramem.train.metrics import MetricsLogger, plot_losses
-from ultramem.train.optim import build_optimizers, param_groups, set_lrs
+from ultramem.train.optim import build_optimizers, param_groups, set_lrs, table_parameters
 from ultramem.train.sparse import clip_grads
 
 
@@ -49,7 +49,7 @@ def prepare_builtin(data_dir: Path, seed: int = 0) -> Path:
 def memory_diagnostics(model: LM) -> dict[str, float]:
     """Value coverage of the last step (rows with a gradient / rows) and Tucker core spectra."""
     out: dict[str, float] = {}
-    tables = [p for name, p in model.named_parameters() if name.endswith(".values")]
+    tables = [p for name, p in table_parameters(model).items() if not name.endswith("pre_values")]
     fractions = []
     for p in tables:
         g = p.grad
@@ -124,7 +124,7 @@ class Trainer:
         self.device = self.dist.device(device)
         torch.manual_seed(train_cfg.seed)
         runtime_cfg = model_cfg
-        if model_cfg.memory is not None:
+        if hasattr(model_cfg.memory, "sparse_grad"):
             runtime_cfg = model_cfg.replace(
                 memory={"sparse_grad": train_cfg.value_update == "sparse"})
         self.model = LM(runtime_cfg, seed=train_cfg.seed).to(self.device)
