@@ -21,7 +21,8 @@ def _inputs(n=24, dv=12, dp=6, t=5, m=4, c=2, seed=0):
     tensors = [torch.randn(n, dv, generator=gen), torch.randn(n, dp, generator=gen),
                torch.randn(t, m, c, generator=gen), torch.randn(t, dp, generator=gen)]
     values, pre_values, scores, xp = (z.to(DEVICE).requires_grad_(True) for z in tensors)
-    return values, pre_values, rows.to(DEVICE), scores, xp, torch.randn(t, dv, generator=gen).to(DEVICE)
+    grad_y = torch.randn(t, dv, generator=gen).to(DEVICE)
+    return values, pre_values, rows.to(DEVICE), scores, xp, grad_y
 
 
 def _run(fn, inputs):

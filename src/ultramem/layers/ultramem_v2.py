@@ -67,6 +67,8 @@ class UltraMemV2Layer(nn.Module):
             self.pre_values = nn.Parameter(torch.empty(cfg.n_values, cfg.pre_value_dim))
         # A plain attribute, not a submodule: the model owns the store, layers only borrow it.
         object.__setattr__(self, "store", store)
+        # Set by `ultramem.offload` when the tables are served from disk or host memory.
+        self.table_source = None
         self._aux_loss: Tensor | None = None
         self.init_stats: dict[str, float] = {}
 
@@ -74,6 +76,8 @@ class UltraMemV2Layer(nn.Module):
 
     def tables(self) -> tuple[Tensor, Tensor]:
         """(values, pre_values) this layer reads, [rows, Dv] and [rows, Dp]."""
+        if self.table_source is not None:
+            return self.table_source.values, self.table_source.pre_values
         if self.store is None:
             return self.values, self.pre_values
         return self.store.values, self.store.pre_values
@@ -125,11 +129,15 @@ class UltraMemV2Layer(nn.Module):
         lead = u.shape[:-1]
         x = self._flat(u)  # [T, h]
         scores, rows, s_row, s_col = self._retrieve(x)  # [T, m, c], [T, m]
-        values, pre_values = self.tables()
         rows = self.table_rows(rows)
+        xp = self.pre_proj(x)  # [T, Dp]
         # a_s = <pre_value[s], W_pre x>; y = sum_s a_s * G_k(s) * value[s][slice k]
-        y = memory_read(values, pre_values, rows, scores, self.pre_proj(x),
-                        sparse_grad=self.cfg.sparse_grad)  # [T, Dv]
+        if self.table_source is not None:
+            y = self.table_source.read(rows, scores, xp)  # [T, Dv]
+        else:
+            values, pre_values = self.tables()
+            y = memory_read(values, pre_values, rows, scores, xp,
+                            sparse_grad=self.cfg.sparse_grad)  # [T, Dv]
         out = self.out_proj(y.to(self.out_proj.weight.dtype))  # [T, h]
         self._aux_loss = self._auxiliary(s_row, s_col) if torch.is_grad_enabled() else None
         return out.view(*lead, self.d_model)

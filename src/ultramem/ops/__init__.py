@@ -8,4 +8,10 @@ from ultramem.ops.lookup import (
     weighted_lookup_reference,
 )
 
-__all__ = ["gather_dot", "gather_dot_reference", "memory_read", "weighted_lookup", "weighted_lookup_reference"]
+__all__ = [
+    "gather_dot",
+    "gather_dot_reference",
+    "memory_read",
+    "weighted_lookup",
+    "weighted_lookup_reference",
+]

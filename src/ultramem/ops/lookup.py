@@ -79,9 +79,8 @@ def _row_grad(rows: Tensor, w: Tensor, g: Tensor, n_rows: int, sparse: bool) -> 
     parts = []
     for k in range(c):
         g_k = g[:, k * (d // c) : (k + 1) * (d // c)].contiguous()  # [T, D/c]
-        parts.append(
-            F.embedding_bag(token, g_k, offsets, mode="sum", per_sample_weights=w_sorted[:, k].contiguous())
-        )
+        w_k = w_sorted[:, k].contiguous()
+        parts.append(F.embedding_bag(token, g_k, offsets, mode="sum", per_sample_weights=w_k))
     vals = torch.cat(parts, dim=1) if c > 1 else parts[0]  # [U, D]
     if sparse:
         return torch.sparse_coo_tensor(
@@ -150,7 +149,9 @@ def _check(table: Tensor, rows: Tensor, lead: Tensor, name: str) -> None:
     if table.dim() != 2:
         raise ValueError(f"table must be [N, D], got shape {tuple(table.shape)}")
     if rows.dim() != 2 or rows.dtype != torch.long:
-        raise ValueError(f"rows must be an int64 [T, m] tensor, got {rows.dtype} {tuple(rows.shape)}")
+        raise ValueError(
+            f"rows must be an int64 [T, m] tensor, got {rows.dtype} {tuple(rows.shape)}"
+        )
     if lead.shape[0] != rows.shape[0]:
         raise ValueError(f"{name} has {lead.shape[0]} tokens but rows has {rows.shape[0]}")
 

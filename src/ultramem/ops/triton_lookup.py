@@ -167,7 +167,8 @@ def fused_lookup_backward(grad_y: Tensor, values: Tensor, pre_values: Tensor, ro
     c = scores.shape[-1]
     meta = _blocks(dv, dp, c)
     dev = values.device
-    rows, scores, xp, gy = rows.contiguous(), scores.contiguous(), xp.contiguous(), grad_y.contiguous()
+    rows, scores, xp = rows.contiguous(), scores.contiguous(), xp.contiguous()
+    gy = grad_y.contiguous()
     g_scores = torch.empty(t, m, c, device=dev, dtype=torch.float32)
     g_a = torch.empty(t, m, device=dev, dtype=torch.float32)
     g_xp = torch.empty(t, dp, device=dev, dtype=torch.float32)
