@@ -212,3 +212,17 @@ def test_config_round_trips_through_json(name):
 def test_config_errors_name_the_field(make, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
         make()
+
+
+@pytest.mark.parametrize("arch", ["pkm", "peer", "memory_plus"])
+def test_init_balances_output_variance_against_the_ffn(arch):
+    from ultramem.init import swiglu_output_variance
+
+    cfg = _tiny(arch)
+    model = LM(cfg, seed=3)
+    target = swiglu_output_variance(cfg.d_model, cfg.ffn_hidden, cfg.n_layers)
+    u = torch.randn(2048, cfg.d_model)
+    with torch.no_grad():
+        ratios = [layer(u).var().item() / target for layer in model.memory_layers()]
+    print(f"{arch}: sparse/FFN output variance at init {[f'{r:.2f}' for r in ratios]}")
+    assert all(0.75 < r < 1.33 for r in ratios)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ultramem import LM, ModelConfig
+from ultramem.config import ARCHS
 from ultramem.diagnostics import (
     expert_load,
     gini,
@@ -44,7 +45,7 @@ def test_expert_load_counts_assignments():
     assert load[e].item() == pytest.approx((experts == e).sum().item() / experts.numel())
 
 
-@pytest.mark.parametrize("arch", ["moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "dense"])
 def test_model_diagnostics_per_layer(arch):
     cfg = ModelConfig.preset(f"tiny/{arch}", max_seq_len=16)
     model = LM(cfg).train()

@@ -27,20 +27,36 @@ def _grads(layer, x, fn):
     return out.detach(), x.grad.clone(), grads
 
 
+@pytest.mark.parametrize("impl", ["grouped", "padded"])
 @pytest.mark.parametrize("style", ["olmoe", "mixtral"])
-def test_grouped_matches_per_token_loop(style):
+def test_grouped_matches_per_token_loop(style, impl):
     kw = {} if style == "olmoe" else {"top_k": 2, "renormalize": True}
     layer = _layer(**kw)
+    layer.impl = impl
     x = torch.randn(2, 15, 16, dtype=torch.float64)
     out, gx, gp = _grads(layer, x, layer)
     ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
     err = (out - ref).abs().max().item()
-    print(f"MoE {style}: max |grouped - loop| output {err:.2e}")
+    print(f"MoE {style} {impl}: max |fast - loop| output {err:.2e}")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-12)
     for name in gp:
         torch.testing.assert_close(gp[name], rgp[name], rtol=1e-10, atol=1e-12, msg=name)
     assert gp["router.weight"].abs().sum() > 0  # the router learns through its weights
+
+
+def test_auto_picks_padded_for_even_loads_and_grouped_for_skewed():
+    layer = _layer()
+    assert layer.choose_impl([10, 11, 9, 12, 10, 10, 9, 11]) == "padded"
+    assert layer.choose_impl([60, 3, 2, 4, 3, 2, 2, 4]) == "grouped"
+    x = torch.randn(200, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x))
+    with torch.no_grad():  # one hot expert: the auto path switches to grouped, still exact
+        layer.router.weight[5] += 50 * x.mean(0) / x.mean(0).norm()
+    _, _, experts = layer.route(x)
+    sizes = torch.bincount(experts.reshape(-1), minlength=8).tolist()
+    assert layer.choose_impl(sizes) == "grouped"
+    torch.testing.assert_close(layer(x), layer.forward_reference(x))
 
 
 def test_one_expert_is_the_dense_ffn():

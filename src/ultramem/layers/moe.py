@@ -4,8 +4,10 @@ Per token x [h]:
   probs   = softmax(W_router x)                 -> [E], in float32
   top-k   = the k most probable experts         (weights renormalised only if `renormalize`)
   out     = sum_j w_j * down_e(silu(gate_e x) * up_e x)
-Tokens are grouped by expert (a stable sort of the T*k assignments) and each active expert runs
-one matmul chain on its group: no Python loop over tokens, no capacity, no dropped tokens.
+Tokens are grouped by expert (a stable sort of the T*k assignments); then either each active
+expert runs one matmul chain on its group, or, when loads are even enough that padding every
+group to the largest wastes little, all experts run as three batched matmuls. No Python loop
+over tokens, no capacity factor, no dropped tokens.
 `forward_reference` is the per-token loop the tests hold the grouped path to.
 Auxiliary losses (recorded only while gradients are enabled): load balancing
 E * sum_e f_e P_e (f_e: fraction of assignments, P_e: mean router probability) and router
@@ -33,6 +35,9 @@ class MoELayer(nn.Module):
         self.up = nn.Parameter(torch.empty(e, d_model, w))
         self.down = nn.Parameter(torch.empty(e, w, d_model))
         self._aux_loss: Tensor | None = None
+        # "auto" picks per call: "padded" (batched matmuls over groups padded to the largest)
+        # when loads are even, else "grouped" (one matmul chain per active expert).
+        self.impl = "auto"
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router logits [T, E] (float32 or wider), top-k weights [T, k] and expert ids [T, k]."""
@@ -53,20 +58,44 @@ class MoELayer(nn.Module):
         lead = u.shape[:-1]
         x = u.reshape(-1, self.d_model)  # [T, h]
         logits, weights, experts = self.route(x)
-        k = self.cfg.top_k
+        k, e = self.cfg.top_k, self.cfg.n_experts
         flat = experts.reshape(-1)  # [T*k]
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        token = torch.div(order, k, rounding_mode="floor")  # [T*k]
-        counts = torch.bincount(flat, minlength=self.cfg.n_experts)  # [E]
-        groups = x[token].split(counts.tolist())  # one host sync: the group sizes
-        outs = [self.expert(e, g) for e, g in enumerate(groups) if g.shape[0] > 0]
-        y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # [T*k, h]
-        out = torch.zeros_like(x).index_add_(0, token, y)  # [T, h]
+        token = torch.div(order, k, rounding_mode="floor")  # token of each sorted assignment
+        counts = torch.bincount(flat, minlength=e)  # [E]
+        sizes = counts.tolist()  # the one host sync: group sizes decide the matmul shapes
+        impl = self.choose_impl(sizes)
+        xs = x[token]  # [T*k, h]
+        if impl == "padded":
+            y = self._experts_padded(xs, flat[order], counts, max(sizes))
+        elif impl == "grouped":
+            outs = [self.expert(i, g) for i, g in enumerate(xs.split(sizes)) if g.shape[0] > 0]
+            y = torch.cat(outs)  # [T*k, h]
+        else:
+            raise ValueError(f"MoELayer.impl must be auto, grouped or padded, got {impl!r}")
+        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # [T*k, h]
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # [T, h]
         if torch.is_grad_enabled():
             self._aux_loss = self._auxiliary(logits, counts)
         else:
             self._aux_loss = None
         return out.view(*lead, self.d_model)
+
+    def choose_impl(self, sizes: list[int]) -> str:
+        """The expert path for these group sizes: `impl`, or under "auto" "padded" when padding
+        every group to the largest adds at most half again the work, else "grouped"."""
+        if self.impl != "auto":
+            return self.impl
+        return "padded" if len(sizes) * max(sizes) <= 1.5 * sum(sizes) else "grouped"
+
+    def _experts_padded(self, xs: Tensor, expert: Tensor, counts: Tensor, cap: int) -> Tensor:
+        """All experts in three batched matmuls over groups padded to the largest, [T*k, h]."""
+        offsets = torch.cumsum(counts, 0) - counts  # [E]
+        slot = torch.arange(xs.shape[0], device=xs.device) - offsets[expert]  # place in group
+        buf = xs.new_zeros(self.cfg.n_experts, cap, self.d_model)
+        buf = buf.index_put((expert, slot), xs)  # [E, C, h]
+        hidden = F.silu(torch.bmm(buf, self.gate)) * torch.bmm(buf, self.up)  # [E, C, w]
+        return torch.bmm(hidden, self.down)[expert, slot]  # [T*k, h]
 
     def forward_reference(self, u: Tensor) -> Tensor:
         """The per-token loop: slow, obviously right; tests only."""
