@@ -94,3 +94,18 @@ def test_shuffle_permutation_is_a_fixed_buffer():
     assert "perm" in layer.state_dict()
     assert torch.equal(layer.perm, _layer().perm)
     assert not torch.equal(layer.perm, torch.arange(144))
+
+
+def test_inference_cache_follows_parameter_updates():
+    layer = _layer()
+    u = torch.randn(16, 24)
+    with torch.no_grad():
+        first = layer.retrieve(u)
+        assert torch.equal(layer.retrieve(u)[0], first[0])  # served from the cache
+        layer.keys.keys.mul_(-1.0)  # an in-place update, as an optimizer step makes
+        layer.keys.cores[:, 0, 0] *= -1.0
+        cached = layer.retrieve(u)
+    fresh = layer.retrieve(u)  # with gradients enabled nothing is cached
+    torch.testing.assert_close(cached[0], fresh[0].detach())
+    assert torch.equal(cached[1], fresh[1])
+    assert not torch.equal(cached[1], first[1])

@@ -53,13 +53,34 @@ class TuckerProductKeys(nn.Module):
         self.cores = nn.Parameter(torch.empty(n_cores, tucker_rank, tucker_rank))
         self.query_gain = nn.Parameter(torch.ones(key_dim))
         self.key_gain = nn.Parameter(torch.ones(key_dim))
+        self._frozen: dict[str, tuple] = {}  # inference-only cache: name -> (stamp, value)
+
+    def _cached(self, name: str, compute):
+        """compute(), reused without gradients (decoding) until keys, key gain or cores change
+        (in place, e.g. an optimizer step or a load, or by moving to another device/dtype)."""
+        if torch.is_grad_enabled():
+            return compute()
+        params = (self.keys, self.key_gain, self.cores)
+        stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        hit = self._frozen.get(name)
+        if hit is None or hit[0] != stamp:
+            hit = self._frozen[name] = (stamp, compute())
+        return hit[1]
+
+    def normed_keys(self) -> Tensor:
+        """RMSNorm(keys) with the key gain: [2, r, n, Dk]."""
+        return self._cached("keys", lambda: rms_norm(self.keys, self.key_gain))
+
+    def directions(self) -> tuple[Tensor, Tensor]:
+        """The sign-fixed rank-1 pre-selection pair (u, v) of the summed cores."""
+        return self._cached("directions", lambda: rank1_directions(self.cores))
 
     # -- scores ---------------------------------------------------------------------------
 
     def row_col_scores(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """queries [T, 2, r, Dk] (row, col) -> S_row, S_col, each [T, r, n] in float32."""
         q = rms_norm(queries, self.query_gain)  # [T, 2, r, Dk]
-        k = rms_norm(self.keys, self.key_gain).to(q.dtype)  # [2, r, n, Dk]
+        k = self.normed_keys().to(q.dtype)  # [2, r, n, Dk]
         s_row = torch.einsum("trd,rnd->trn", q[:, 0], k[0]).float()  # [T, r, n]
         s_col = torch.einsum("trd,rnd->trn", q[:, 1], k[1]).float()  # [T, r, n]
         return s_row, s_col
@@ -77,7 +98,7 @@ class TuckerProductKeys(nn.Module):
         """
         t, r, n = s_row.shape
         c = self.n_cores
-        u, v = rank1_directions(self.cores)
+        u, v = self.directions()
         with torch.no_grad():
             row_rank = torch.einsum("r,trn->tn", u, s_row)  # [T, n]
             col_rank = torch.einsum("r,trn->tn", v, s_col)  # [T, n]
@@ -85,7 +106,8 @@ class TuckerProductKeys(nn.Module):
             col_idx = col_rank.topk(kr, dim=-1).indices  # [T, kr]
         s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
         s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-        cand = torch.einsum("tpi,kpq,tqj->tkij", s_row_k, self.cores.float(), s_col_k)  # [T,c,kr,kr]
+        cores = self.cores.float()
+        cand = torch.einsum("tpi,kpq,tqj->tkij", s_row_k, cores, s_col_k)  # [T, c, kr, kr]
         cand = cand.reshape(t, c, kr * kr)
         with torch.no_grad():
             pos = cand.sum(1).topk(top_m, dim=-1).indices  # [T, m]
