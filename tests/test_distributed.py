@@ -1,0 +1,127 @@
+"""torch.distributed under torchrun: 2 gloo processes on CPU against a single process.
+
+One torchrun launch runs this file as a worker (see `worker` below) through every check that
+needs two ranks, and writes what it measured; the test then compares it with the same steps
+run in this single process with the doubled batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultramem import ModelConfig
+from ultramem.train.config import TrainConfig
+
+SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=2, ffn_hidden=128, max_seq_len=32,
+                   memory=dict(n_keys=16, key_dim=16, top_m=8, value_dim=16, pre_value_dim=16,
+                               init_samples=256))
+PER_RANK_BATCH = 2
+
+
+def small_cfg() -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(**SMALL_MODEL)
+
+
+def quick(**changes) -> TrainConfig:
+    base = dict(steps=4, batch_size=PER_RANK_BATCH, seq_len=16, warmup=1, log_every=1,
+                eval_every=0, ckpt_every=2, tensorboard=False, plot=False)
+    return TrainConfig(**{**base, **changes})
+
+
+def first_step_grads(trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and full (dense) gradients of step 0, without the optimizer update."""
+    from torch.distributed.tensor import DTensor
+
+    trainer.opts = {}
+    loss = trainer.train_step(0)["loss"]
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        grads[name] = (g.to_dense() if g.is_sparse else g).detach().clone()
+    return loss, grads
+
+
+def worker(out: Path) -> None:
+    """Run by each torchrun rank."""
+    from ultramem.data.prepare import prepare
+    from ultramem.train import distributed
+    from ultramem.train.metrics import read_metrics
+    from ultramem.train.trainer import Trainer
+
+    ctx = distributed.setup()
+    data = out / "data"
+    if ctx.rank == 0:
+        prepare(["builtin:facts", "builtin:python"], data)
+    ctx.barrier()
+    result = {"world": ctx.world}
+    for parallel in ("ddp", "fsdp"):
+        for update in ("sparse", "dense"):
+            t = Trainer(small_cfg(), quick(parallel=parallel, value_update=update),
+                        out / f"g_{parallel}_{update}", data, show_progress=False)
+            loss, grads = first_step_grads(t)
+            if ctx.rank == 0:
+                torch.save(grads, out / f"grads_{parallel}_{update}_rank0.pt")
+                result[f"loss_{parallel}_{update}"] = loss
+            if ctx.rank == 1:
+                torch.save(grads, out / f"grads_{parallel}_{update}_rank1.pt")
+    # Full 4-step run, and a 2-step run resumed to 4 under torchrun: identical losses.
+    Trainer(small_cfg(), quick(), out / "full", data, show_progress=False).fit()
+    Trainer(small_cfg(), quick(steps=2), out / "resumed", data, show_progress=False).fit()
+    Trainer(small_cfg(), quick(), out / "resumed", data, resume=True, show_progress=False,
+            train_overrides={"steps": 4}).fit()
+    if ctx.rank == 0:
+        result["full"] = [r["loss"] for r in read_metrics(out / "full")]
+        result["resumed"] = [r["loss"] for r in read_metrics(out / "resumed")]
+        (out / "result.json").write_text(json.dumps(result))
+    ctx.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def torchrun_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+           __file__, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update):
+    out, result = torchrun_result
+    assert result["world"] == 2
+    from ultramem.train.trainer import Trainer
+
+    single = Trainer(small_cfg(), quick(batch_size=2 * PER_RANK_BATCH, value_update=update),
+                     tmp_path, out / "data", show_progress=False)
+    loss, grads = first_step_grads(single)
+    assert result[f"loss_{parallel}_{update}"] == pytest.approx(loss, rel=1e-6)
+    for rank in (0, 1):
+        got = torch.load(out / f"grads_{parallel}_{update}_rank{rank}.pt", weights_only=True)
+        assert got.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7,
+                                       msg=f"rank {rank} {name}")
+
+
+def test_checkpoint_resume_under_torchrun(torchrun_result):
+    _, result = torchrun_result
+    assert len(result["full"]) == 4
+    assert result["resumed"] == result["full"]
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
