@@ -118,6 +118,15 @@ def test_generate_parity_with_lm(tiny_model, exported):
 
 
 @torch.no_grad()
+def test_beam_search_reorders_the_cache(exported):
+    hf = AutoModelForCausalLM.from_pretrained(exported)
+    prompts = torch.tensor([list(b"Beams "), list(b"Search")])
+    cached = hf.generate(prompts, max_new_tokens=5, num_beams=3, do_sample=False)
+    plain = hf.generate(prompts, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+@torch.no_grad()
 def test_labels_give_the_shifted_loss(tiny_model, exported):
     hf = UltraMemForCausalLM.from_pretrained(exported)
     idx = torch.randint(0, 256, (2, 20))
