@@ -74,13 +74,17 @@ def worker(out: Path) -> None:
             if ctx.rank == 1:
                 torch.save(grads, out / f"grads_{parallel}_{update}_rank1.pt")
     # Full 4-step run, and a 2-step run resumed to 4 under torchrun: identical losses.
-    Trainer(small_cfg(), quick(), out / "full", data, show_progress=False).fit()
-    Trainer(small_cfg(), quick(steps=2), out / "resumed", data, show_progress=False).fit()
-    Trainer(small_cfg(), quick(), out / "resumed", data, resume=True, show_progress=False,
-            train_overrides={"steps": 4}).fit()
+    for parallel in ("ddp", "fsdp"):
+        full, resumed = out / f"full_{parallel}", out / f"resumed_{parallel}"
+        Trainer(small_cfg(), quick(parallel=parallel), full, data, show_progress=False).fit()
+        Trainer(small_cfg(), quick(steps=2, parallel=parallel), resumed, data,
+                show_progress=False).fit()
+        Trainer(small_cfg(), quick(), resumed, data, resume=True, show_progress=False,
+                train_overrides={"steps": 4}).fit()
+        if ctx.rank == 0:
+            result[f"full_{parallel}"] = [r["loss"] for r in read_metrics(full)]
+            result[f"resumed_{parallel}"] = [r["loss"] for r in read_metrics(resumed)]
     if ctx.rank == 0:
-        result["full"] = [r["loss"] for r in read_metrics(out / "full")]
-        result["resumed"] = [r["loss"] for r in read_metrics(out / "resumed")]
         (out / "result.json").write_text(json.dumps(result))
     ctx.barrier()
     torch.distributed.destroy_process_group()
@@ -117,10 +121,16 @@ def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update
                                        msg=f"rank {rank} {name}")
 
 
-def test_checkpoint_resume_under_torchrun(torchrun_result):
-    _, result = torchrun_result
-    assert len(result["full"]) == 4
-    assert result["resumed"] == result["full"]
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_checkpoint_resume_under_torchrun(torchrun_result, parallel):
+    out, result = torchrun_result
+    assert len(result[f"full_{parallel}"]) == 4
+    assert result[f"resumed_{parallel}"] == result[f"full_{parallel}"]
+    # The checkpoint holds full tensors whatever the sharding: it loads in one process.
+    from ultramem.train.checkpoint import load_model
+
+    model = load_model(out / f"full_{parallel}")
+    assert model.cfg == small_cfg()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ which case every helper here is a no-op. Backend: nccl on CUDA, gloo on CPU.
 
 - Dense weights: `DistributedDataParallel`, or FSDP2 `fully_shard` per block and at the root
   (`parallel=fsdp`).
+- Checkpoints hold full tensors: FSDP shards (weights and AdamW state) are gathered for rank 0
+  to write, and every rank reads the full state back on resume.
 - Value and pre-value tables are kept out of DDP / FSDP (ignored parameters) and replicated on
   every rank. Their gradients are reduced here after backward: sparse gradients by all-gathering
   each rank's touched rows (indices and values, padded to the largest count) and summing, so the
@@ -127,6 +129,33 @@ def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
     return DDP(model, device_ids=device_ids)
+
+
+def optimizer_state(opts: dict, model: nn.Module, ctx: DistContext) -> dict:
+    """Full optimizer state dicts for a checkpoint; call on all ranks (FSDP gathers shards)."""
+    if not ctx.active or not _is_fsdp(model):
+        return {k: o.state_dict() for k, o in opts.items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: (get_optimizer_state_dict(model, o, options=full) if k == "main"
+                else o.state_dict()) for k, o in opts.items()}
+
+
+def load_optimizer_state(opts: dict, model: nn.Module, ctx: DistContext, state: dict) -> None:
+    """Inverse of `optimizer_state`: every rank loads the full state (FSDP re-shards it)."""
+    if not ctx.active or not _is_fsdp(model):
+        for name, opt in opts.items():
+            opt.load_state_dict(state[name])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    for name, opt in opts.items():
+        if name == "main":
+            set_optimizer_state_dict(model, opt, optim_state_dict=state[name],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state[name])
 
 
 def full_model(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -151,8 +151,7 @@ class Trainer:
         self.skipped = 0
         self.bad_in_row = 0
         if state is not None:
-            for name, opt in self.opts.items():
-                opt.load_state_dict(state["optimizer"][name])
+            dist_mod.load_optimizer_state(self.opts, self.model, self.dist, state["optimizer"])
             self.skipped = int(state["trainer"].get("skipped", 0))
             self.bad_in_row = int(state["trainer"].get("bad_in_row", 0))
             if state["rng"] is not None:
@@ -176,11 +175,12 @@ class Trainer:
         from ultramem.train import distributed as dist_mod
 
         model_state = dist_mod.full_model(self.model, self.dist)
+        optimizer_state = dist_mod.optimizer_state(self.opts, self.model, self.dist)
         path = None
         if self.rank0:
             path = ckpt.save_checkpoint(
                 self.out / "checkpoints", step, model=model_state, config=self._config(),
-                optimizer_state={k: o.state_dict() for k, o in self.opts.items()},
+                optimizer_state=optimizer_state,
                 trainer_state={"skipped": self.skipped, "bad_in_row": self.bad_in_row,
                                "samples": step * self.cfg.grad_accum * self.cfg.batch_size
                                * self.dist.world},
