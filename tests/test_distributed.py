@@ -23,6 +23,14 @@ SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=2, ffn_hidden=128, max_seq_le
                    memory=dict(n_keys=16, key_dim=16, top_m=8, value_dim=16, pre_value_dim=16,
                                init_samples=256))
 PER_RANK_BATCH = 2
+# Dense weights by DDP or FSDP2; value tables replicated or split by columns across ranks.
+OPTIONS = {
+    "ddp": {"parallel": "ddp"},
+    "fsdp": {"parallel": "fsdp"},
+    "ddp_sharded": {"parallel": "ddp", "shard_tables": True},
+    "fsdp_sharded": {"parallel": "fsdp", "shard_tables": True},
+}
+PARALLEL = tuple(OPTIONS)
 
 
 def small_cfg() -> ModelConfig:
@@ -36,18 +44,12 @@ def quick(**changes) -> TrainConfig:
 
 
 def first_step_grads(trainer) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and full (dense) gradients of step 0, without the optimizer update."""
-    from torch.distributed.tensor import DTensor
+    """Loss and full (dense, unsharded) gradients of step 0, without the optimizer update."""
+    from ultramem.train.distributed import full_grads
 
     trainer.opts = {}
     loss = trainer.train_step(0)["loss"]
-    grads = {}
-    for name, p in trainer.model.named_parameters():
-        g = p.grad
-        if isinstance(g, DTensor):
-            g = g.full_tensor()
-        grads[name] = (g.to_dense() if g.is_sparse else g).detach().clone()
-    return loss, grads
+    return loss, full_grads(trainer.model, trainer.dist)
 
 
 def worker(out: Path) -> None:
@@ -63,21 +65,21 @@ def worker(out: Path) -> None:
         prepare(["builtin:facts", "builtin:python"], data)
     ctx.barrier()
     result = {"world": ctx.world}
-    for parallel in ("ddp", "fsdp"):
+    for parallel in PARALLEL:
         for update in ("sparse", "dense"):
-            t = Trainer(small_cfg(), quick(parallel=parallel, value_update=update),
+            t = Trainer(small_cfg(), quick(**OPTIONS[parallel], value_update=update),
                         out / f"g_{parallel}_{update}", data, show_progress=False)
             loss, grads = first_step_grads(t)
+            torch.save(grads, out / f"grads_{parallel}_{update}_rank{ctx.rank}.pt")
             if ctx.rank == 0:
-                torch.save(grads, out / f"grads_{parallel}_{update}_rank0.pt")
                 result[f"loss_{parallel}_{update}"] = loss
-            if ctx.rank == 1:
-                torch.save(grads, out / f"grads_{parallel}_{update}_rank1.pt")
+                result[f"tables_{parallel}"] = {n: list(p.shape) for n, p in
+                                                t.model.named_parameters() if "values" in n}
     # Full 4-step run, and a 2-step run resumed to 4 under torchrun: identical losses.
-    for parallel in ("ddp", "fsdp"):
+    for parallel in PARALLEL:
         full, resumed = out / f"full_{parallel}", out / f"resumed_{parallel}"
-        Trainer(small_cfg(), quick(parallel=parallel), full, data, show_progress=False).fit()
-        Trainer(small_cfg(), quick(steps=2, parallel=parallel), resumed, data,
+        Trainer(small_cfg(), quick(**OPTIONS[parallel]), full, data, show_progress=False).fit()
+        Trainer(small_cfg(), quick(steps=2, **OPTIONS[parallel]), resumed, data,
                 show_progress=False).fit()
         Trainer(small_cfg(), quick(), resumed, data, resume=True, show_progress=False,
                 train_overrides={"steps": 4}).fit()
@@ -102,11 +104,17 @@ def torchrun_result(tmp_path_factory):
     return out, json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 @pytest.mark.parametrize("update", ["sparse", "dense"])
 def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update):
     out, result = torchrun_result
     assert result["world"] == 2
+    tables = result[f"tables_{parallel}"]
+    if OPTIONS[parallel].get("shard_tables"):  # each rank holds half of the columns
+        assert tables["blocks.0.memory.table_source.values"] == [256, 8]
+        assert tables["blocks.0.memory.table_source.pre_values"] == [256, 8]
+    else:
+        assert tables["blocks.0.memory.values"] == [256, 16]
     from ultramem.train.trainer import Trainer
 
     single = Trainer(small_cfg(), quick(batch_size=2 * PER_RANK_BATCH, value_update=update),
@@ -121,11 +129,13 @@ def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update
                                        msg=f"rank {rank} {name}")
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_checkpoint_resume_under_torchrun(torchrun_result, parallel):
     out, result = torchrun_result
     assert len(result[f"full_{parallel}"]) == 4
     assert result[f"resumed_{parallel}"] == result[f"full_{parallel}"]
+    # Every layout trains the same model: losses agree with replicated DDP to float precision.
+    assert result[f"full_{parallel}"] == pytest.approx(result["full_ddp"], rel=1e-5)
     # The checkpoint holds full tensors whatever the sharding: it loads in one process.
     from ultramem.train.checkpoint import load_model
 

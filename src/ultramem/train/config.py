@@ -38,6 +38,9 @@ class TrainConfig:
     update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
+    Under torchrun: parallel `ddp` or `fsdp` (FSDP2) for dense weights; shard_tables splits
+    UltraMemV2 value tables by columns across ranks (`train.sharded_tables`), else they are
+    replicated.
     """
 
     steps: int = 200
@@ -72,6 +75,7 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     parallel: str = "ddp"
+    shard_tables: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
@@ -97,6 +101,9 @@ class TrainConfig:
                      f"must be one of {allowed}, got {getattr(self, name)!r}")
         _require(not (self.value_update == "dense" and self.value_optimizer == "adagrad"),
                  "value_optimizer", "adagrad is the sparse path's option; dense uses AdamW")
+        _require(not (self.shard_tables and self.value_optimizer == "adagrad"),
+                 "shard_tables", "column-sharded tables support value_optimizer=adam only "
+                 "(row-wise Adagrad would need its row statistics summed across ranks)")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -7,12 +7,12 @@ which case every helper here is a no-op. Backend: nccl on CUDA, gloo on CPU.
   (`parallel=fsdp`).
 - Checkpoints hold full tensors: FSDP shards (weights and AdamW state) are gathered for rank 0
   to write, and every rank reads the full state back on resume.
-- Value and pre-value tables are kept out of DDP / FSDP (ignored parameters) and replicated on
-  every rank. Their gradients are reduced here after backward: sparse gradients by all-gathering
-  each rank's touched rows (indices and values, padded to the largest count) and summing, so the
-  traffic is rows read, not table size; dense ones by all-reduce. Sharding the tables by columns
-  (each rank holding a Dv slice) is not implemented yet: it needs the layer's lookup to accept a
-  column-sharded table.
+- Value and pre-value tables are kept out of DDP / FSDP (ignored parameters). By default they
+  are replicated, and their gradients are reduced here after backward: sparse gradients by
+  all-gathering each rank's touched rows (indices and values, padded to the largest count) and
+  summing, so the traffic is rows read, not table size; dense ones by all-reduce. With
+  `shard_tables` each rank holds a column slice instead (`train.sharded_tables`), and the
+  checkpoint gathers the slices (and the lazy-Adam moments) back into whole tables.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    sharded: bool = False  # value tables split by columns (set by `wrap`)
 
     @property
     def active(self) -> bool:
@@ -63,14 +64,32 @@ class DistContext:
             return model.no_sync()
         return contextlib.nullcontext()
 
+    @property
+    def table_sq_reduce(self):
+        """Sums a squared table-gradient norm over ranks when each holds a column shard."""
+        if not self.sharded:
+            return None
+
+        def reduce(sq: Tensor) -> Tensor:
+            sq = sq.detach().clone().float()
+            dist.all_reduce(sq)
+            return sq
+
+        return reduce
+
     def reduce_table_grads(self, model: nn.Module) -> None:
-        """Average the value-table gradients over ranks (they are outside DDP / FSDP)."""
+        """Average the value-table gradients over ranks (they are outside DDP / FSDP).
+
+        Column shards already hold every rank's contribution (through the collectives of the
+        read): they only need DDP's 1 / W. Replicated tables are summed across ranks."""
         if not self.active:
             return
         for p in table_parameters(model).values():
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
+            if self.sharded:
+                p.grad = p.grad / self.world
+            elif p.grad.is_sparse:
                 p.grad = _all_gather_sparse(p.grad.coalesce(), self.world) / self.world
             else:
                 dist.all_reduce(p.grad)
@@ -115,6 +134,11 @@ def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
     """The module the training step calls: model itself, DDP, or FSDP2-sharded model."""
     if not ctx.active:
         return model
+    if cfg.shard_tables:
+        from ultramem.train.sharded_tables import shard_model_tables
+
+        shard_model_tables(model, ctx.rank, ctx.world)
+        ctx.sharded = True
     if cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -131,42 +155,101 @@ def wrap(model: nn.Module, ctx: DistContext, cfg) -> nn.Module:
     return DDP(model, device_ids=device_ids)
 
 
-def optimizer_state(opts: dict, model: nn.Module, ctx: DistContext) -> dict:
-    """Full optimizer state dicts for a checkpoint; call on all ranks (FSDP gathers shards)."""
-    if not ctx.active or not _is_fsdp(model):
-        return {k: o.state_dict() for k, o in opts.items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+_COLUMN_STATE = ("exp_avg", "exp_avg_sq")  # RowSparseAdam state laid out like the table
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {k: (get_optimizer_state_dict(model, o, options=full) if k == "main"
-                else o.state_dict()) for k, o in opts.items()}
+
+def _table_opt_state(opt, ctx: DistContext, gather: bool, state: dict | None = None) -> dict:
+    """The table optimizer's state_dict with column shards gathered (or, loading, re-sliced)."""
+    from ultramem.train.sharded_tables import gather_columns, shard_columns
+
+    if gather:
+        sd = opt.state_dict()  # its per-parameter dicts are the live state: copy, then gather
+        sd["state"] = {idx: {k: (gather_columns(v) if k in _COLUMN_STATE else v)
+                             for k, v in entry.items()} for idx, entry in sd["state"].items()}
+        return sd
+    sd = {"state": {}, "param_groups": state["param_groups"]}
+    for idx, entry in state["state"].items():
+        sd["state"][idx] = {k: (shard_columns(v, ctx.rank, ctx.world) if k in _COLUMN_STATE
+                                else v) for k, v in entry.items()}
+    opt.load_state_dict(sd)
+    return sd
+
+
+def optimizer_state(opts: dict, model: nn.Module, ctx: DistContext) -> dict:
+    """Full optimizer state dicts for a checkpoint; call on all ranks (FSDP and column shards
+    are gathered)."""
+    out = {}
+    for name, opt in opts.items():
+        if name == "main" and ctx.active and _is_fsdp(model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            out[name] = get_optimizer_state_dict(
+                model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif name == "values" and ctx.sharded:
+            out[name] = _table_opt_state(opt, ctx, gather=True)
+        else:
+            out[name] = opt.state_dict()
+    return out
 
 
 def load_optimizer_state(opts: dict, model: nn.Module, ctx: DistContext, state: dict) -> None:
-    """Inverse of `optimizer_state`: every rank loads the full state (FSDP re-shards it)."""
-    if not ctx.active or not _is_fsdp(model):
-        for name, opt in opts.items():
-            opt.load_state_dict(state[name])
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
+    """Inverse of `optimizer_state`: every rank loads the full state and keeps its part."""
     for name, opt in opts.items():
-        if name == "main":
+        if name == "main" and ctx.active and _is_fsdp(model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
             set_optimizer_state_dict(model, opt, optim_state_dict=state[name],
                                      options=StateDictOptions(full_state_dict=True))
+        elif name == "values" and ctx.sharded:
+            _table_opt_state(opt, ctx, gather=False, state=state[name])
         else:
             opt.load_state_dict(state[name])
 
 
+def _unshard_name(name: str) -> str:
+    return name.replace(".table_source.", ".")
+
+
 def full_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     """A module whose state_dict holds full tensors (gathers FSDP shards); call on all ranks."""
-    if not ctx.active or not _is_fsdp(model):
+    if not ctx.active or not (_is_fsdp(model) or ctx.sharded):
         return model
     from torch.distributed.tensor import DTensor
 
-    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v)
-            for k, v in model.state_dict().items()}
+    from ultramem.train.sharded_tables import gather_columns, is_shard_name
+
+    full = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        if is_shard_name(k):
+            k, v = _unshard_name(k), gather_columns(v)
+        full[k] = v
     return _StateOnly(full)
+
+
+def full_grads(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """Every parameter's gradient as a full dense tensor under its unsharded name (tests)."""
+    from torch.distributed.tensor import DTensor
+
+    from ultramem.train.sharded_tables import gather_columns, is_shard_name
+
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        g = (g.to_dense() if g.is_sparse else g).detach().clone()
+        if ctx.sharded and is_shard_name(name):
+            name, g = _unshard_name(name), gather_columns(g)
+        out[name] = g
+    return out
 
 
 def _is_fsdp(model: nn.Module) -> bool:

@@ -105,8 +105,9 @@ class RowAdagrad(torch.optim.Optimizer):
         return None
 
 
-def grad_norm(params: list[Tensor]) -> Tensor:
-    """Global L2 norm of the gradients of params, sparse ones coalesced in place first."""
+def grad_norm(params: list[Tensor], sq_reduce=None) -> Tensor:
+    """Global L2 norm of the gradients of params, sparse ones coalesced in place first.
+    sq_reduce sums the squared norm across ranks when params are shards."""
     sq = []
     for p in params:
         if p.grad is None:
@@ -116,14 +117,15 @@ def grad_norm(params: list[Tensor]) -> Tensor:
             sq.append(p.grad.values().float().pow(2).sum())
         else:
             sq.append(p.grad.float().pow(2).sum())
-    if not sq:
-        return torch.zeros(())
-    return torch.stack(sq).sum().sqrt()
+    total = torch.stack(sq).sum() if sq else torch.zeros(())
+    if sq_reduce is not None:
+        total = sq_reduce(total)
+    return total.sqrt()
 
 
-def clip_grads(params: list[Tensor], max_norm: float) -> float:
+def clip_grads(params: list[Tensor], max_norm: float, sq_reduce=None) -> float:
     """Clip dense or sparse gradients to max_norm by global norm (0 = no clip); returns the norm."""
-    norm = grad_norm(params)
+    norm = grad_norm(params, sq_reduce)
     total = float(norm)
     if max_norm > 0 and total > max_norm and torch.isfinite(norm):
         scale = max_norm / (total + 1e-6)

@@ -218,7 +218,8 @@ class Trainer:
         self.dist.reduce_table_grads(self.model)
         loss_value = float(self.dist.mean(total / cfg.grad_accum))
         grad_norm = clip_grads(self.dense_params, cfg.grad_clip)
-        value_norm = clip_grads(self.table_params, cfg.value_grad_clip)
+        value_norm = clip_grads(self.table_params, cfg.value_grad_clip,
+                                self.dist.table_sq_reduce)
         finite = all(map(_finite, (loss_value, grad_norm, value_norm)))
         row = {"step": step + 1, "loss": loss_value, "lr": lr, "value_lr": value_lr,
                "grad_norm": grad_norm, "value_grad_norm": value_norm}
