@@ -9,6 +9,15 @@ from ultramem.model import KVCache, sample_next
 TOL = 1e-5  # float32; the measured max difference is ~2e-6 on logits of magnitude ~3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decoding runs many tiny ops: one thread is ~3x faster than two on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def prompts(tiny_cfg) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)

@@ -22,6 +22,15 @@ from ultramem.hf import UltraMemConfig, UltraMemForCausalLM, byte_tokenizer, exp
 from ultramem.model import KVCache  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decoding runs many tiny ops: one thread is ~3x faster than two on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     return export(tiny_model, tmp_path_factory.mktemp("hf") / "tiny")
