@@ -18,6 +18,15 @@ from ultramem.diagnostics import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_usage_statistics_on_known_distributions():
     uniform = torch.full((10,), 3.0)
     assert kl_to_uniform(uniform) == pytest.approx(0.0, abs=1e-12)

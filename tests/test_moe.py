@@ -10,6 +10,15 @@ from ultramem.init import init_moe_layer
 from ultramem.layers import MoELayer, SwiGLU
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _layer(**kw) -> MoELayer:
     cfg = MoEConfig(**{"n_experts": 8, "top_k": 3, "expert_hidden": 12, **kw})
     layer = MoELayer(cfg, d_model=16)
