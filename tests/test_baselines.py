@@ -236,3 +236,18 @@ def test_init_balances_output_variance_against_the_ffn(arch):
         ratios = [layer(u).var().item() / target for layer in model.memory_layers()]
     print(f"{arch}: sparse/FFN output variance at init {[f'{r:.2f}' for r in ratios]}")
     assert all(0.75 < r < 1.33 for r in ratios)
+
+
+@pytest.mark.parametrize("arch", SPARSE)
+def test_incremental_decoding_matches_full_forward(arch):
+    # Sparse layers act per token, and the skip-layer hand-over must work one token at a time.
+    from ultramem.model import KVCache
+
+    model = LM(_tiny(arch)).eval()
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache.for_model(model, 2)
+        steps = [model(idx[:, :5], cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
