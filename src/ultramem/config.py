@@ -1,8 +1,12 @@
 """Model configuration: frozen dataclasses, validation that names the bad field, and presets.
 
-`ModelConfig` describes the transformer; `MemoryConfig` describes the sparse layer that sits next
-to the FFN (UltraMemV2 by default). Both validate in `__post_init__` and raise `ConfigError`
-(a `ValueError`) whose message starts with the offending field's name.
+`ModelConfig` describes the transformer; its `memory` field holds the sparse layer's config, one
+frozen class per kind (the `kind` field picks it when loading a dict): `MemoryConfig`
+(UltraMemV2, the default), `MoEConfig`, `PKMConfig`, `PEERConfig`, `MemoryPlusConfig`,
+`UltraMemV1Config`; None is the dense baseline. Each config carries its placement: a list of
+blocks (`layers`) or, for UltraMem v1, (read, write) block pairs. All validate in
+`__post_init__` and raise `ConfigError` (a `ValueError`) whose message starts with the offending
+field's name. Presets by name, including matched families `<family>/<arch>` (see `ARCHS`).
 """
 
 from __future__ import annotations
@@ -421,7 +425,8 @@ def sparse_config_from_dict(data: dict[str, Any], field_name: str = "memory") ->
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer with a sparse layer next to the FFN (see `ultramem.LM`)."""
+    """A decoder-only transformer with a sparse layer next to (or instead of) the FFN in the
+    blocks its config places it (see `ultramem.LM`); memory=None is the dense baseline."""
 
     vocab_size: int = 256
     n_layers: int = 4
