@@ -251,3 +251,13 @@ def test_incremental_decoding_matches_full_forward(arch):
         steps = [model(idx[:, :5], cache=cache)[0]]
         steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", SPARSE)
+def test_layers_accept_any_leading_shape_and_check_width(arch):
+    layer = LM(_tiny(arch)).memory_layers()[0]
+    u = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(u), layer(u.reshape(6, 128)).view(2, 3, 128))
+        with pytest.raises(ValueError, match="last dim"):
+            layer(torch.randn(4, 64))

@@ -39,9 +39,14 @@ class MoELayer(nn.Module):
         # when loads are even, else "grouped" (one matmul chain per active expert).
         self.impl = "auto"
 
+    def _flat(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer: input last dim {u.shape[-1]} != d_model={self.d_model}")
+        return u.reshape(-1, self.d_model)
+
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router logits [T, E] (float32 or wider), top-k weights [T, k] and expert ids [T, k]."""
-        x = u.reshape(-1, self.d_model)
+        x = self._flat(u)
         logits = self.router(x)  # [T, E], at least float32
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(-1)
@@ -56,7 +61,7 @@ class MoELayer(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         lead = u.shape[:-1]
-        x = u.reshape(-1, self.d_model)  # [T, h]
+        x = self._flat(u)  # [T, h]
         logits, weights, experts = self.route(x)
         k, e = self.cfg.top_k, self.cfg.n_experts
         flat = experts.reshape(-1)  # [T*k]
