@@ -1,0 +1,113 @@
+"""`ultramem eval` and `ultramem study`.
+
+Examples:
+  ultramem eval --checkpoint runs/x --tasks needle,kv_retrieval --out runs/x/eval
+  ultramem study --family tiny --steps 300 --out docs/results
+  ultramem study --family small --steps 400 --archs moe,ultramem_v2 --ablations none --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None or text == "all":
+        return None
+    if text == "none":
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ultramem.config import ARCHS
+    from ultramem.tasks import SIZES, TASKS
+
+    p = sub.add_parser("eval", help="held-out loss, bits per byte, task accuracy of a checkpoint",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest)")
+    p.add_argument("--tasks", default="all", help=f"comma list of {list(TASKS)}, all or none")
+    p.add_argument("--size", default=None, choices=sorted(SIZES),
+                   help="task size (default: 'small' for a 512+ context, else 'tiny')")
+    p.add_argument("--n", type=int, default=100, help="examples per task")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
+    p.add_argument("--text-chars", type=int, default=None, help="cut held-out text to N chars")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run_eval)
+
+    s = sub.add_parser("study", help="train and evaluate every architecture of a preset family",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--family", default="tiny", choices=["tiny", "small"])
+    s.add_argument("--steps", type=int, default=300, help="training steps per run")
+    s.add_argument("--archs", default="all", help=f"comma list of {list(ARCHS)}, all or none")
+    s.add_argument("--ablations", default="all",
+                   help="comma list of fixed_init,shared_query,half_layers, all or none")
+    s.add_argument("--out", default="docs/results", help="where <family>.md and plots go")
+    s.add_argument("--work", default="runs/study", help="run directories (checkpoints, data)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=None, help="default: the family's max_seq_len")
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--n", type=int, default=100, help="eval examples per task")
+    s.add_argument("--text-chars", type=int, default=None, help="cut held-out text to N chars")
+    s.add_argument("--task-size", default=None, choices=sorted(SIZES),
+                   help="task size (default: the family's)")
+    s.add_argument("--train-docs", type=int, default=None, help="training documents per task")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.set_defaults(func=run_study_cmd)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ultramem.eval.run import evaluate_checkpoint, results_table, write_results
+    from ultramem.train.checkpoint import read_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        size = args.size or ("small" if read_config(args.checkpoint)["model"]["max_seq_len"] >= 512
+                             else "tiny")
+        text = None
+        if args.text is not None:
+            with open(args.text, encoding="utf-8") as fh:
+                text = fh.read()
+        result = evaluate_checkpoint(args.checkpoint, tasks=_names(args.tasks), size=size,
+                                     n_examples=args.n, seed=args.seed, text=text,
+                                     text_chars=args.text_chars)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ultramem eval: {err}", file=sys.stderr)
+        return 2
+    print(results_table(result), end="")
+    if args.out:
+        js, md = write_results(result, args.out)
+        print(f"wrote {js} and {md}")
+    return 0
+
+
+def run_study_cmd(args: argparse.Namespace) -> int:
+    from ultramem.config import ARCHS
+    from ultramem.eval.study import ABLATIONS, StudyConfig, run_study
+
+    archs = _names(args.archs)
+    ablations = _names(args.ablations)
+    try:
+        cfg = StudyConfig(
+            family=args.family, steps=args.steps,
+            archs=tuple(ARCHS if archs is None else archs),
+            ablations=tuple(ABLATIONS if ablations is None else ablations),
+            out=args.out, work=args.work, seed=args.seed, batch_size=args.batch_size,
+            seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
+            task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
+            command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
+            else "ultramem study " + f"--family {args.family} --steps {args.steps}",
+        )
+    except ValueError as err:
+        print(f"ultramem study: {err}", file=sys.stderr)
+        return 2
+    run_study(cfg)
+    return 0

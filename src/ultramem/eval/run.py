@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint: held-out text loss and bits per byte, and task accuracy; JSON and a table.
+
+This is what `ultramem eval` and the study call. Held-out text defaults to the standard-library
+docstrings of `ultramem.tasks.text.HELDOUT_MODULES`, which no study run trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ultramem.eval.perplexity import text_metrics
+from ultramem.eval.task_eval import evaluate_task
+from ultramem.tasks import build_tasks
+
+
+def heldout_text(max_chars: int | None = None) -> str:
+    from ultramem.tasks.text import stdlib_text
+
+    text = stdlib_text("heldout")
+    return text if max_chars is None else text[:max_chars]
+
+
+def evaluate_model(model: Any, tokenizer: Any, *, tasks: list[str] | None = None,
+                   size: str = "tiny", n_examples: int = 100, seed: int = 0,
+                   text: str | None = None, text_chars: int | None = None) -> dict[str, Any]:
+    """{'text': text_metrics, 'tasks': {name: result}, 'seconds': ...} for a model in memory."""
+    t0 = time.perf_counter()
+    text = heldout_text(text_chars) if text is None else text
+    out: dict[str, Any] = {"text": text_metrics(model, tokenizer, text), "tasks": {}}
+    for name, task in build_tasks(size, tasks).items():
+        result = evaluate_task(model, tokenizer, task, n_examples, seed)
+        result["params"] = task.params()
+        out["tasks"][name] = result
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_checkpoint(path: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Load a checkpoint (`ultramem.train.checkpoint`) and `evaluate_model` it."""
+    from ultramem.accounting import count_params
+    from ultramem.train.checkpoint import load_model, load_tokenizer, resolve
+
+    ckpt = resolve(path)
+    model = load_model(ckpt)
+    result = evaluate_model(model, load_tokenizer(ckpt), **kwargs)
+    result["checkpoint"] = str(ckpt)
+    result["params"] = count_params(model.cfg)
+    return result
+
+
+def results_table(result: dict[str, Any]) -> str:
+    """A markdown table of one evaluation."""
+    lines = ["| metric | value |", "|---|---|"]
+    t = result["text"]
+    lines += [f"| held-out loss (nats/token) | {t['loss']:.4f} |",
+              f"| held-out bits per byte | {t['bits_per_byte']:.4f} |"]
+    for name, r in result["tasks"].items():
+        extra = f" ({r['recalled']}/{r['facts']} facts, {r['bits_per_param']:.2e} bits/param)" \
+            if "recalled" in r else ""
+        lines.append(f"| {name} accuracy | {r['accuracy']:.3f} (n={r['n']}){extra} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """result as out.json and out.md (out without suffix)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, md = out.with_suffix(".json"), out.with_suffix(".md")
+    js.write_text(json.dumps(result, indent=2))
+    md.write_text(results_table(result))
+    return js, md

@@ -1,0 +1,235 @@
+"""The small-scale reproduction: every architecture of a matched preset family trained on the same
+data, steps and seed, then evaluated on held-out text and every task; plus UltraMemV2 ablations.
+
+`run_study(StudyConfig(family="tiny", steps=5, out=...))` writes into `out`:
+  <family>.md, <family>.json    tables per metric, the exact command, commit, wall time
+  <family>_loss.png, <family>_tasks.png   loss curves, per-task accuracy bars
+and keeps each run (checkpoint, metrics, eval.json) under `work/<family>/<name>/`; a run whose
+eval.json matches the study settings is reused, so an interrupted study continues.
+
+Data: one mix for the family, a seeded shuffle of documents: standard-library docstrings (the
+held-out modules excluded), training documents of every task generator, and the fact-world text
+(copies so it is ~15% of the mix). 'tiny' uses byte tokens (vocabulary 256, as its presets); 'small'
+a BPE of the presets' 4096 tokens trained on the mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ultramem.config import ARCHS, FAMILIES, ModelConfig
+from ultramem.tasks import LONG_CONTEXT, TASKS, build_tasks
+
+# Ablations of the family's ultramem_v2 member: name -> (description, memory changes or a function
+# of the config). `plain_values` (PEER-style pre-values vs plain values) is missing: the layer
+# has no switch for it (MemoryConfig.pre_value_dim must be >= 1).
+ABLATIONS: dict[str, str] = {
+    "fixed_init": "values initialized with fixed std 0.02 instead of the paper's variance match",
+    "shared_query": "one row/column query shared by all Tucker ranks (the reference code)",
+    "half_layers": "a memory layer in every other block only (small: 4 of 8 blocks)",
+}
+
+# The paper's Table 2 (32K context), UltraMemV2 vs MoE, for the task matching each category.
+PAPER_TABLE2: dict[str, tuple[float, float]] = {
+    "long_memo": (23.5, 21.9), "multi_round": (31.2, 25.0), "icl": (29.5, 21.6),
+    "reasoning": (7.7, 6.7), "needle": (97.0, 96.5), "kv_retrieval": (57.1, 41.3),
+    "multi_hop": (17.7, 34.8),
+}
+
+FAMILY_DATA = {  # family -> (task size, tokenizer, train documents per task)
+    "tiny": ("tiny", "bytes", 400),
+    "small": ("small", "bpe", 1000),
+}
+
+
+@dataclass
+class StudyConfig:
+    family: str = "tiny"
+    steps: int = 300
+    archs: tuple[str, ...] = ARCHS
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    out: str = "docs/results"
+    work: str = "runs/study"
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the family's max_seq_len
+    lr: float = 3e-3
+    n_examples: int = 100  # eval examples per task
+    text_chars: int | None = None  # held-out text cut to this many characters (None: all)
+    task_size: str | None = None  # None: FAMILY_DATA; 'ci' for tests
+    train_docs: int | None = None  # per task; None: FAMILY_DATA
+    threads: int | None = None
+    command: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_DATA:
+            raise ValueError(f"family must be one of {sorted(FAMILY_DATA)}, got {self.family!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} has no presets")
+        bad = [a for a in self.archs if a not in ARCHS]
+        if bad:
+            raise ValueError(f"archs: unknown {bad}; known: {list(ARCHS)}")
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def size(self) -> str:
+        return self.task_size or FAMILY_DATA[self.family][0]
+
+
+def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
+    """name -> model config of every run: the archs, then `ultramem_v2+<ablation>`."""
+    runs = {arch: ModelConfig.preset(f"{cfg.family}/{arch}") for arch in cfg.archs}
+    base = ModelConfig.preset(f"{cfg.family}/ultramem_v2")
+    for name in cfg.ablations:
+        if name == "fixed_init":
+            change: dict[str, Any] = {"value_init": "fixed"}
+        elif name == "shared_query":
+            change = {"shared_rank_query": True}
+        else:  # half_layers
+            change = {"layers": tuple(range(1, base.n_layers, 2))}
+        runs[f"ultramem_v2+{name}"] = base.replace(memory=change)
+    return runs
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def build_data(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
+    """The family's training mix, prepared into data_dir once (`ultramem.data.prepare`)."""
+    from ultramem.data.prepare import prepare
+    from ultramem.data.shards import read_meta
+    from ultramem.tasks.text import stdlib_documents
+
+    if (data_dir / "meta.json").is_file():
+        return read_meta(data_dir)
+    _, tokenizer, per_task = FAMILY_DATA[cfg.family]
+    per_task = cfg.train_docs or per_task
+    tasks = build_tasks(cfg.size)
+    docs = list(stdlib_documents("train"))
+    for name, task in tasks.items():
+        if name != "facts":
+            docs += task.train_documents(per_task, seed=cfg.seed)
+    other = sum(len(d) for d in docs)
+    facts = tasks["facts"]
+    one = len(facts.train_documents(1, seed=cfg.seed)[0])
+    copies = max(2, math.ceil(0.15 * other / 0.85 / one))
+    docs += facts.train_documents(copies, seed=cfg.seed)
+    random.Random(cfg.seed).shuffle(docs)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    mix = data_dir / "mix.jsonl"
+    mix.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    vocab = ModelConfig.preset(f"{cfg.family}/dense").vocab_size
+    return prepare([str(mix)], data_dir, tokenizer=tokenizer, vocab_size=vocab,
+                   val_fraction=0.05, seed=cfg.seed)
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def _settings(cfg: StudyConfig) -> dict[str, Any]:
+    keep = ("family", "steps", "seed", "batch_size", "seq_len", "lr", "n_examples",
+            "text_chars", "task_size", "train_docs")
+    return {k: getattr(cfg, k) for k in keep}
+
+
+def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir: Path,
+                   run_dir: Path, log=print) -> dict[str, Any]:
+    """Train one run (or reuse a finished one) and evaluate it; returns its row."""
+    from ultramem.eval.run import evaluate_checkpoint
+    from ultramem.train.config import TrainConfig
+    from ultramem.train.trainer import Trainer
+
+    done = run_dir / "eval.json"
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("settings") == _settings(cfg):
+            log(f"[study] {name}: reusing {done}")
+            return row
+    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    train_cfg = TrainConfig(
+        steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
+        warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
+        eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)), ckpt_every=0, keep_last=1,
+        seed=cfg.seed, tensorboard=False, plot=False,
+    )
+    if run_dir.exists():  # a stale or interrupted run: start it over
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, show_progress=False,
+                      extra_config={"preset": f"{cfg.family}/{name}"})
+    summary = trainer.fit()
+    train_s = time.perf_counter() - t0
+    del trainer
+    log(f"[study] {name}: {cfg.steps} steps in {train_s:.0f}s "
+        f"({train_s / cfg.steps:.2f} s/step), loss {summary['final_loss']:.3f}")
+    result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
+                                 seed=cfg.seed + 1, text_chars=cfg.text_chars)
+    row = {"name": name, "settings": _settings(cfg),
+           "train_seconds": train_s, "seconds_per_step": train_s / cfg.steps,
+           "final_loss": summary["final_loss"], "val_loss": summary["eval_loss"], **result}
+    done.write_text(json.dumps(row, indent=2))
+    log(f"[study] {name}: held-out bpb {result['text']['bits_per_byte']:.3f}, eval "
+        f"{result['seconds']:.0f}s")
+    return row
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
+    """Train and evaluate every run of cfg; write the report and plots; return the results."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    work = Path(cfg.work) / cfg.family
+    data_dir = work / "data"
+    meta = build_data(cfg, data_dir)
+    log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
+        f"({meta['tokenizer']['kind']}) in {data_dir}")
+    rows = []
+    for name, model_cfg in run_configs(cfg).items():
+        rows.append(train_and_eval(cfg, name, model_cfg, data_dir, work / name.replace("+", "_"),
+                                   log))
+    study = {"config": {**asdict(cfg), "archs": list(cfg.archs),
+                        "ablations": list(cfg.ablations)},
+             "commit": git_commit(), "python": sys.version.split()[0],
+             "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "wall_seconds": time.perf_counter() - t0, "data": {
+                 "train_tokens": meta["splits"]["train"]["n_tokens"],
+                 "tokenizer": meta["tokenizer"]["kind"], "vocab_size": meta["vocab_size"]},
+             "runs": rows}
+    from ultramem.eval.report import write_report
+
+    paths = write_report(study, Path(cfg.out), work)
+    study["files"] = [str(p) for p in paths]
+    log(f"[study] wrote {', '.join(map(str, paths))} in {study['wall_seconds']:.0f}s")
+    return study
+
+
+__all__ = ["ABLATIONS", "PAPER_TABLE2", "StudyConfig", "run_configs", "run_study", "TASKS",
+           "LONG_CONTEXT"]

@@ -1,0 +1,81 @@
+"""`ultramem study` end to end, CI-sized (a few steps: it must run, not win), and `ultramem eval`
+on one of its checkpoints. Everything is written under tmp_path, never into docs/."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ultramem.cli import main
+from ultramem.config import ARCHS
+from ultramem.eval.study import ABLATIONS, StudyConfig, run_configs, run_study
+
+CI = ["--family", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--n", "2",
+      "--text-chars", "600", "--task-size", "ci", "--train-docs", "8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def study_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    out, work = root / "out", root / "work"
+    assert main(["study", *CI, "--out", str(out), "--work", str(work)]) == 0
+    return out, work
+
+
+def test_tiny_study_runs_end_to_end(study_dirs):
+    out, work = study_dirs
+    md = (out / "tiny.md").read_text()
+    data = json.loads((out / "tiny.json").read_text())
+    names = [r["name"] for r in data["runs"]]
+    assert names == list(ARCHS) + [f"ultramem_v2+{a}" for a in ABLATIONS]
+    for name in names:
+        assert f"| {name} |" in md
+    for section in ("## Loss", "## Task accuracy", "## Parametric memory", "## UltraMemV2 vs MoE",
+                    "## Ablations of UltraMemV2", "ultramem study --family tiny --steps 2"):
+        assert section in md
+    assert data["commit"] and data["wall_seconds"] > 0
+    assert (out / "tiny_loss.png").stat().st_size > 0 and (out / "tiny_tasks.png").stat().st_size
+    for r in data["runs"]:
+        assert r["settings"]["steps"] == 2 and len(r["tasks"]) == 8
+        assert 0 < r["text"]["bits_per_byte"] < 12
+        assert r["final_loss"] == r["final_loss"]  # finite, not NaN
+    # Matched family: equal activated parameters across the archs (not the ablations).
+    active = {r["params"]["active"] for r in data["runs"] if "+" not in r["name"]}
+    assert max(active) / min(active) < 1.01
+
+
+def test_study_reuses_finished_runs_and_checks_names(study_dirs, tmp_path):
+    out, work = study_dirs
+    cfg = StudyConfig(family="tiny", steps=2, archs=("dense",), ablations=(), out=str(tmp_path),
+                      work=str(work), batch_size=2, seq_len=48, n_examples=2, text_chars=600,
+                      task_size="ci", train_docs=8, threads=1)
+    logs: list[str] = []
+    run_study(cfg, log=logs.append)
+    assert any("dense: reusing" in line for line in logs)
+    with pytest.raises(ValueError, match="archs"):
+        StudyConfig(archs=("dense", "nope"))
+    with pytest.raises(ValueError, match="ablations"):
+        StudyConfig(ablations=("plain_values",))
+
+
+def test_ablation_configs_change_one_thing():
+    runs = run_configs(StudyConfig(family="small", archs=("ultramem_v2",)))
+    base = runs["ultramem_v2"].memory
+    assert runs["ultramem_v2+fixed_init"].memory.value_init == "fixed"
+    assert runs["ultramem_v2+shared_query"].memory.shared_rank_query
+    assert runs["ultramem_v2+half_layers"].memory_blocks == (1, 3, 5, 7)  # four of eight
+    assert base.value_init == "paper" and not base.shared_rank_query and base.layers is None
+
+
+def test_eval_command_on_a_study_checkpoint(study_dirs, tmp_path, capsys):
+    _, work = study_dirs
+    rc = main(["eval", "--checkpoint", str(work / "tiny" / "ultramem_v2"), "--tasks",
+               "needle,kv_retrieval", "--size", "ci", "--n", "3", "--text-chars", "300",
+               "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert set(result["tasks"]) == {"needle", "kv_retrieval"}
+    assert result["tasks"]["needle"]["n"] == 3 and result["tasks"]["kv_retrieval"]["n"] == 6
+    assert "held-out bits per byte" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
