@@ -199,3 +199,20 @@ def test_import_without_transformers():
             "build_parser()\n"
             "assert 'ultramem.hf' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_private_checkpoint_loader(tiny_model, tmp_path):
+    """The fallback loader (used when ultramem.train is absent) reads the same layout."""
+    from ultramem.commands.generate import _load_model, tokenizer_file
+
+    ckpt = _write_checkpoint(tiny_model, tmp_path / "ckpt")
+    loaded = _load_model(ckpt, "cpu")
+    assert loaded.cfg == tiny_model.cfg
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b)
+    assert tokenizer_file(ckpt, {"kind": "bytes"}) is None
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        tokenizer_file(ckpt, {"kind": "bpe", "file": "tokenizer.json"})
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        _load_model(tmp_path, "cpu")
