@@ -125,3 +125,11 @@ def test_loss_falls_when_training(tiny_cfg):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_rope_tables_stay_float32_when_casting(tiny_cfg):
+    model = LM(tiny_cfg.replace(n_layers=1)).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and model.rope_sin.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.bfloat16
+    logits, _ = model(torch.randint(0, 256, (1, 8)))
+    assert torch.isfinite(logits.float()).all()

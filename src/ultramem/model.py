@@ -232,6 +232,17 @@ class LM(nn.Module):
 
             init_lm(self, seed=seed)
 
+    def _apply(self, fn, recurse=True):
+        # RoPE tables stay float32 whatever dtype the weights are cast to (bf16 positions would
+        # lose precision): rebuild them on their new device after every .to()/.half()/...
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cfg = self.cfg
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.rope_cos = cos.to(self.rope_cos.device)
+            self.rope_sin = sin.to(self.rope_sin.device)
+        return self
+
     def memory_layers(self) -> list[nn.Module]:
         """The sparse memory layers, in block order."""
         return [b.memory for b in self.blocks if b.memory is not None]
