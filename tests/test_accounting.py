@@ -57,6 +57,20 @@ def test_active_params_by_hand():
     assert c["total"] - c["active"] == rows - 2 * m.n_heads * m.top_k * h
 
 
+def test_flops_per_token_by_hand():
+    cfg = ModelConfig.preset("tiny/dense")
+    h, L, ctx = cfg.d_model, cfg.n_layers, cfg.max_seq_len
+    matmul = cfg.vocab_size * h + L * (4 * h * h + 3 * h * cfg.ffn_hidden)  # head, attn, FFN
+    norms = h + L * (2 * h + 2 * cfg.head_dim)  # gains: counted as active, 2 FLOPs each
+    assert summarize(cfg)["flops_per_token"] == 2 * (matmul + norms) + 2 * L * ctx * h
+    moe = ModelConfig.preset("tiny/moe")
+    e = moe.memory
+    diff = summarize(moe)["flops_per_token"] - summarize(moe.replace(memory=None))[
+        "flops_per_token"]
+    per_layer = 2 * (h * e.n_experts + e.top_k * 3 * h * e.expert_hidden - 3 * h * moe.ffn_hidden)
+    assert diff == L * per_layer  # router + k experts instead of the FFN
+
+
 def test_flops_and_decode_bytes_formulas():
     cfg = ModelConfig.preset("tiny/ultramem_v2")
     s = summarize(cfg)
