@@ -27,7 +27,7 @@ SMALL_SETS = [
     "model.max_seq_len=32", "model.memory.n_keys=16", "model.memory.key_dim=16",
     "model.memory.top_m=8", "model.memory.value_dim=16", "model.memory.pre_value_dim=16",
     "model.memory.init_samples=256", "batch_size=4", "seq_len=32", "tensorboard=false",
-    "plot=false", "eval_every=0", "warmup=3", "log_every=1",
+    "plot=false", "eval_every=0", "warmup=3", "log_every=1", "device=cpu",
 ]
 
 
@@ -37,7 +37,7 @@ def small_cfg(**changes) -> ModelConfig:
 
 def quick_train_cfg(**changes) -> TrainConfig:
     base = dict(steps=3, batch_size=2, seq_len=16, warmup=1, log_every=1, eval_every=0,
-                ckpt_every=0, tensorboard=False, plot=False)
+                ckpt_every=0, tensorboard=False, plot=False, device="cpu")
     return TrainConfig(**{**base, **changes})
 
 
@@ -116,7 +116,7 @@ def _env() -> dict[str, str]:
 
 
 def test_kill_9_then_resume_reproduces_losses_exactly(tmp_path):
-    steps, every = 80, 5
+    steps, every = 50, 5
     args = ("--steps", str(steps), "--set", f"ckpt_every={every}")
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd(full, *args), check=True, env=_env(), capture_output=True)

@@ -39,7 +39,7 @@ def small_cfg() -> ModelConfig:
 
 def quick(**changes) -> TrainConfig:
     base = dict(steps=4, batch_size=PER_RANK_BATCH, seq_len=16, warmup=1, log_every=1,
-                eval_every=0, ckpt_every=2, tensorboard=False, plot=False)
+                eval_every=0, ckpt_every=2, tensorboard=False, plot=False, device="cpu")
     return TrainConfig(**{**base, **changes})
 
 

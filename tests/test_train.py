@@ -27,7 +27,7 @@ def small_cfg(**changes) -> ModelConfig:
 
 def quick(**changes) -> TrainConfig:
     base = dict(steps=3, batch_size=2, seq_len=16, warmup=1, log_every=1, eval_every=0,
-                ckpt_every=0, tensorboard=False, plot=False)
+                ckpt_every=0, tensorboard=False, plot=False, device="cpu")
     return TrainConfig(**{**base, **changes})
 
 
@@ -243,7 +243,8 @@ def test_train_cli_writes_metrics_plot_and_tensorboard(tmp_path, capsys):
             "model.memory.n_keys=16", "model.memory.key_dim=16", "model.memory.top_m=8",
             "model.memory.value_dim=16", "model.memory.pre_value_dim=16",
             "model.memory.init_samples=256", "batch_size=4", "seq_len=32", "log_every=2",
-            "eval_every=5", "eval_batches=2", "ckpt_every=5", "warmup=2", "lr=3e-3"]
+            "eval_every=5", "eval_batches=2", "ckpt_every=5", "warmup=2", "lr=3e-3",
+            "device=cpu"]
     argv = ["train", "--preset", "tiny", "--steps", "10", "--out", str(out), "--quiet"]
     for s in sets:
         argv += ["--set", s]

@@ -38,6 +38,7 @@ class TrainConfig:
     update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
+    device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`.
     Under torchrun: parallel `ddp` or `fsdp` (FSDP2) for dense weights; shard_tables splits
     UltraMemV2 value tables by columns across ranks (`train.sharded_tables`), else they are
     replicated.
@@ -71,7 +72,7 @@ class TrainConfig:
     keep_last: int = 3
     max_bad_steps: int = 5
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     tensorboard: bool = True
     plot: bool = True
     parallel: str = "ddp"
@@ -120,10 +121,19 @@ class TrainConfig:
 
 
 def parse_value(text: str) -> Any:
-    """A YAML scalar or list: '3e-4' -> 0.0003, 'true' -> True, '[0, 2]' -> [0, 2]."""
-    import yaml
+    """A YAML scalar or list: '3e-4' -> 0.0003, 'true' -> True, '[0, 2]' -> [0, 2].
+    Without PyYAML (the `train` extra), JSON syntax is understood and anything else is a string."""
+    try:
+        import yaml
 
-    value = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+    except ImportError:
+        import json
+
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
     if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
         try:
             return float(value)

@@ -98,7 +98,7 @@ class Trainer:
             model_cfg = ModelConfig.from_dict(saved["model"])
             # The saved run's settings, plus only the changes asked for (e.g. more steps).
             train_cfg = TrainConfig.from_dict({**saved["train"], **(train_overrides or {})})
-            data_dir = saved.get("data_dir", data_dir)
+            data_dir = data_dir or saved.get("data_dir")  # --data wins if the data moved
             state = ckpt.load_training_state(found)
             self.start_step = int(state["trainer"]["step"])
             self.resumed_from = found
@@ -127,7 +127,8 @@ class Trainer:
         if hasattr(model_cfg.memory, "sparse_grad"):
             runtime_cfg = model_cfg.replace(
                 memory={"sparse_grad": train_cfg.value_update == "sparse"})
-        self.model = LM(runtime_cfg, seed=train_cfg.seed).to(self.device)
+        # Resuming: skip the (Monte Carlo) init, every weight and buffer comes from the checkpoint.
+        self.model = LM(runtime_cfg, seed=train_cfg.seed, init=state is None).to(self.device)
         if state is not None:
             from safetensors.torch import load_model as st_load_model
 
