@@ -38,7 +38,8 @@ class TrainConfig:
     update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
-    device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`.
+    device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`. threads: CPU threads for
+    torch (0 = torch's default; 1 avoids OpenMP stalls on a machine shared with other jobs).
     Under torchrun: parallel `ddp` or `fsdp` (FSDP2) for dense weights; shard_tables splits
     UltraMemV2 value tables by columns across ranks (`train.sharded_tables`), else they are
     replicated.
@@ -73,6 +74,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     seed: int = 0
     device: str = "auto"
+    threads: int = 0
     tensorboard: bool = True
     plot: bool = True
     parallel: str = "ddp"
@@ -84,7 +86,7 @@ class TrainConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
                      f"must be a positive integer, got {v!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+        for name in ("warmup", "eval_every", "ckpt_every", "seed", "threads"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
         _require(self.lr > 0, "lr", "must be > 0")

@@ -122,6 +122,8 @@ class Trainer:
         device = torch.device("cuda" if train_cfg.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if train_cfg.device == "auto" else train_cfg.device))
         self.device = self.dist.device(device)
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
         torch.manual_seed(train_cfg.seed)
         runtime_cfg = model_cfg
         if hasattr(model_cfg.memory, "sparse_grad"):
@@ -255,7 +257,7 @@ class Trainer:
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc="train", disable=not self.show_progress, mininterval=1.0)
         t_last, tokens_since = time.perf_counter(), 0
-        last_loss, eval_loss = float("nan"), None
+        last_loss, eval_loss, last_tok_s = float("nan"), None, 0.0
         self.model.train()
         try:
             for step in bar:
@@ -274,7 +276,7 @@ class Trainer:
                 log_now = done % cfg.log_every == 0 or done == cfg.steps or "skipped" in row
                 if log_now:
                     now = time.perf_counter()
-                    row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                    row["tokens_per_s"] = last_tok_s = tokens_since / max(now - t_last, 1e-9)
                     t_last, tokens_since = now, 0
                     row.update(memory_diagnostics(self.model))
                 self._zero_grad()
@@ -287,8 +289,7 @@ class Trainer:
                     logger.log(row)
                 if _finite(row["loss"]):
                     last_loss = row["loss"]
-                bar.set_postfix(loss=f"{last_loss:.3f}",
-                                tok_s=f"{row.get('tokens_per_s', 0):,.0f}")
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{last_tok_s:,.0f}")
                 if cfg.ckpt_every and done % cfg.ckpt_every == 0 or done == cfg.steps:
                     self.save(done)
         finally:
