@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="task size (default: the family's)")
     s.add_argument("--train-docs", type=int, default=None, help="training documents per task")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: more oversubscribe a shared machine)")
     s.set_defaults(func=run_study_cmd)
 
 
