@@ -147,3 +147,18 @@ def test_kill_9_then_resume_reproduces_losses_exactly(tmp_path):
     a = ckpt.load_model(full).state_dict()
     b = ckpt.load_model(killed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bpe_run_carries_its_tokenizer(tmp_path):
+    from ultramem.data.prepare import prepare
+
+    meta = prepare(["builtin:facts"], tmp_path / "data", tokenizer="bpe", vocab_size=400)
+    Trainer(small_cfg(), quick_train_cfg(steps=2), tmp_path / "run", tmp_path / "data",
+            show_progress=False).fit()
+    path = ckpt.resolve(tmp_path / "run")
+    assert (path / "tokenizer.json").is_file()
+    model = ckpt.load_model(path)
+    assert model.cfg.vocab_size == meta["vocab_size"] != 256  # taken from the data
+    tok = ckpt.load_tokenizer(path)
+    assert tok.vocab_size == meta["vocab_size"]
+    assert tok.decode(tok.encode("The pet of Ada is a cat.")) == "The pet of Ada is a cat."

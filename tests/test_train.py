@@ -51,6 +51,21 @@ def test_lr_schedules():
     assert value_lr_multiplier(v1, 99) == pytest.approx(1.0)
 
 
+def test_value_tables_get_their_own_lr(tmp_path):
+    from ultramem.train.optim import build_optimizers, set_lrs
+
+    cfg = TrainConfig(steps=10, warmup=0, lr=1.0, schedule="constant", value_lr_schedule="v1",
+                      value_lr_scale=0.5)
+    for update in ("sparse", "dense"):
+        opts = build_optimizers(LM(small_cfg(), seed=0), cfg.replace(value_update=update))
+        assert set_lrs(opts, cfg, 0) == (1.0, pytest.approx(2.0))
+        lrs = {g["name"]: g["lr"] for o in opts.values() for g in o.param_groups}
+        assert lrs == {"decay": 1.0, "no_decay": 1.0, "values": pytest.approx(2.0)}
+        decays = {g["name"]: g["weight_decay"] for o in opts.values() for g in o.param_groups}
+        assert decays == {"decay": 0.1, "no_decay": 0.0, "values": 0.0}
+        assert isinstance(opts.get("values"), RowSparseAdam) == (update == "sparse")
+
+
 def test_param_groups_cover_everything_once():
     model = LM(small_cfg(), seed=0)
     groups = param_groups(model)
