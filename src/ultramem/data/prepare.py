@@ -92,22 +92,22 @@ def iter_documents(sources: list[str], seed: int = 0) -> Iterator[str]:
                     yield doc
 
 
-def _split(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def _split(docs: Iterator[str], n_docs: int, val_fraction: float) -> Iterator[tuple[str, str]]:
+    """(split, text) pieces of docs, streamed: see the module docstring for the rule."""
     if val_fraction <= 0:
-        return docs, []
-    if len(docs) >= 20:
+        for doc in docs:
+            yield "train", doc
+    elif n_docs >= 20:
         every = max(2, round(1 / val_fraction))
-        val = [d for i, d in enumerate(docs) if i % every == every - 1]
-        train = [d for i, d in enumerate(docs) if i % every != every - 1]
-        return train, val
-    train, val = [], []
-    for doc in docs:
-        cut = int(len(doc) * (1 - val_fraction))
-        nl = doc.rfind("\n", 0, cut)
-        cut = nl + 1 if nl > len(doc) // 2 else cut
-        train.append(doc[:cut])
-        val.append(doc[cut:])
-    return train, val
+        for i, doc in enumerate(docs):
+            yield ("val" if i % every == every - 1 else "train"), doc
+    else:
+        for doc in docs:
+            cut = int(len(doc) * (1 - val_fraction))
+            nl = doc.rfind("\n", 0, cut)
+            cut = nl + 1 if nl > len(doc) // 2 else cut
+            yield "train", doc[:cut]
+            yield "val", doc[cut:]
 
 
 def _encode(tok: ByteTokenizer | BPETokenizer, doc: str) -> list[int]:
@@ -116,31 +116,33 @@ def _encode(tok: ByteTokenizer | BPETokenizer, doc: str) -> list[int]:
     return tok.encode(doc) + [tok.eos_id]
 
 
-def _write_split(tok, docs: list[str], out: Path, split: str, shard_tokens: int) -> dict[str, Any]:
-    dtype = token_dtype(tok.vocab_size)
-    names: list[str] = []
-    total = 0
+class _ShardWriter:
+    """Appends token ids to `{split}_000.bin`, `{split}_001.bin`, ... of shard_tokens each."""
 
-    def open_next():
-        name = f"{split}_{len(names):03d}.bin"
-        names.append(name)
-        return (out / name).open("wb"), 0
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.names: list[str] = []
+        self.total = 0
+        self.fh = None
+        self.in_shard = shard_tokens  # forces a file on the first add
 
-    fh, in_shard = open_next()
-    for doc in docs:
-        ids = _encode(tok, doc)
+    def add(self, ids: list[int]) -> None:
         while ids:
-            room = shard_tokens - in_shard
-            if room == 0:
-                fh.close()
-                fh, in_shard = open_next()
-                room = shard_tokens
+            if self.in_shard == self.shard_tokens:
+                if self.fh is not None:
+                    self.fh.close()
+                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+                self.fh, self.in_shard = (self.out / self.names[-1]).open("wb"), 0
+            room = self.shard_tokens - self.in_shard
             part, ids = ids[:room], ids[room:]
-            np.asarray(part, dtype=dtype).tofile(fh)
-            in_shard += len(part)
-            total += len(part)
-    fh.close()
-    return {"shards": names, "n_tokens": total}
+            np.asarray(part, dtype=self.dtype).tofile(self.fh)
+            self.in_shard += len(part)
+            self.total += len(part)
+
+    def close(self) -> dict[str, Any]:
+        if self.fh is not None:
+            self.fh.close()
+        return {"shards": self.names, "n_tokens": self.total}
 
 
 def prepare(
@@ -152,25 +154,32 @@ def prepare(
         raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if shard_tokens < 2:
         raise DataError(f"shard_tokens must be >= 2, got {shard_tokens}")
-    docs = list(iter_documents(sources, seed))
-    if not docs:
+    # Two streaming passes (three with BPE): count documents, (train BPE,) tokenize and write.
+    # Memory stays at one document, whatever the corpus size.
+    n_docs = sum(1 for _ in iter_documents(sources, seed))
+    if n_docs == 0:
         raise DataError(f"inputs {sources} hold no text")
-    train_docs, val_docs = _split(docs, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def pieces() -> Iterator[tuple[str, str]]:
+        return _split(iter_documents(sources, seed), n_docs, val_fraction)
+
     if tokenizer == "bytes":
         tok: ByteTokenizer | BPETokenizer = ByteTokenizer()
     elif tokenizer == "bpe":
-        tok = train_bpe(iter(train_docs), vocab_size)
+        tok = train_bpe((text for split, text in pieces() if split == "train"), vocab_size)
     else:
         raise DataError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
     spec = tok.save(out)
-    splits = {"train": _write_split(tok, train_docs, out, "train", shard_tokens)}
-    if val_docs:
-        splits["val"] = _write_split(tok, val_docs, out, "val", shard_tokens)
+    dtype = token_dtype(tok.vocab_size)
+    writers = {name: _ShardWriter(out, name, dtype, shard_tokens) for name in ("train", "val")}
+    for split, text in pieces():
+        writers[split].add(_encode(tok, text))
+    splits = {name: w.close() for name, w in writers.items() if w.names}
     meta = {
         "version": 1, "sources": sources, "tokenizer": spec, "vocab_size": tok.vocab_size,
-        "dtype": token_dtype(tok.vocab_size).name, "n_documents": len(docs), "splits": splits,
+        "dtype": token_dtype(tok.vocab_size).name, "n_documents": n_docs, "splits": splits,
         "val_fraction": val_fraction, "seed": seed,
     }
     tmp = out / (META + f".tmp{os.getpid()}")
