@@ -8,6 +8,9 @@ Python). Documents keep their input order, so the output is deterministic.
 Split: with at least 20 documents, every k-th document (k = round(1 / val_fraction)) goes to
 validation; with fewer, the last val_fraction of each document (cut at a newline when possible)
 does. Documents end with the end-of-text token (BPE) or a newline (bytes).
+
+Inputs are streamed (a counting pass, a BPE training pass, a writing pass), so memory holds one
+document at a time; `meta.json` is written last, so a directory with one is complete.
 """
 
 from __future__ import annotations
