@@ -113,7 +113,9 @@ def save_checkpoint(
         os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".tmp-del-{old.name}-{os.getpid()}"  # rename first: never half-deleted
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
