@@ -33,6 +33,15 @@ OPTIONS = {
 PARALLEL = tuple(OPTIONS)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread is as fast, and immune to OpenMP stalls on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg() -> ModelConfig:
     return ModelConfig.preset("tiny").replace(**SMALL_MODEL)
 

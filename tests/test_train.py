@@ -21,6 +21,15 @@ SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=2, ffn_hidden=128, max_seq_le
                                init_samples=256))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread is as fast, and immune to OpenMP stalls on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg(**changes) -> ModelConfig:
     return ModelConfig.preset("tiny").replace(**SMALL_MODEL).replace(**changes)
 
