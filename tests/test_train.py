@@ -58,6 +58,12 @@ def test_lr_schedules():
     v1 = cfg.replace(value_lr_schedule="v1")
     assert value_lr_multiplier(v1, 0) == pytest.approx(4.0)
     assert value_lr_multiplier(v1, 99) == pytest.approx(1.0)
+    # auto: UltraMem v1 models follow their own config's schedule, every other model is constant
+    v1_memory = ModelConfig.preset("tiny/ultramem_v1").memory
+    assert value_lr_multiplier(cfg, 0, v1_memory) == pytest.approx(v1_memory.value_lr_start)
+    assert value_lr_multiplier(cfg, 99, v1_memory) == pytest.approx(v1_memory.value_lr_end)
+    v2_memory = ModelConfig.preset("tiny").memory
+    assert value_lr_multiplier(cfg, 0, v2_memory) == 1.0
 
 
 def test_value_tables_get_their_own_lr(tmp_path):

@@ -82,6 +82,10 @@ class UltraMemV2Layer(nn.Module):
             return self.values, self.pre_values
         return self.store.values, self.store.pre_values
 
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The sparse tables (values, pre-values): their own lr group, sparse updates allowed."""
+        return [t for t in self.tables() if isinstance(t, nn.Parameter)]
+
     def table_rows(self, rows: Tensor) -> Tensor:
         """Rows as returned by `retrieve` -> rows of `tables()`."""
         return rows if self.store is None else self.store.global_rows(self.slot, rows)

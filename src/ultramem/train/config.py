@@ -15,7 +15,7 @@ from typing import Any
 from ultramem.config import ConfigError, ModelConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
-VALUE_LR_SCHEDULES = ("constant", "v1")
+VALUE_LR_SCHEDULES = ("auto", "constant", "v1")
 VALUE_UPDATES = ("sparse", "dense")
 VALUE_OPTIMIZERS = ("adam", "adagrad")
 PRECISIONS = ("fp32", "bf16")
@@ -34,7 +34,8 @@ class TrainConfig:
 
     Value and pre-value tables form their own group: lr = schedule(step) * value_lr_scale *
     multiplier, the multiplier constant 1 (`constant`, the paper's choice) or UltraMem v1's linear
-    4x -> 1x decay (`v1`). value_update `sparse` gives them row-sparse gradients and a lazy row
+    4x -> 1x decay (`v1`, its endpoints from an `UltraMemV1Config` model's value_lr_start/end);
+    `auto` (default) is `v1` for UltraMem v1 models and `constant` for every other. value_update `sparse` gives them row-sparse gradients and a lazy row
     update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
@@ -58,7 +59,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    value_lr_schedule: str = "constant"
+    value_lr_schedule: str = "auto"
     value_lr_scale: float = 1.0
     value_weight_decay: float = 0.0
     value_update: str = "sparse"

@@ -10,6 +10,7 @@ Groups (each named, so a checkpoint or a reader can tell them apart):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,13 +75,21 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def value_lr_multiplier(cfg: TrainConfig, step: int) -> float:
-    """Value-table lr multiplier: 1 (paper), or v1's linear 4x -> 1x over the run."""
-    base = cfg.value_lr_scale
-    if cfg.value_lr_schedule == "v1":
-        frac = min(1.0, step / max(1, cfg.steps - 1))
-        return base * (4.0 - 3.0 * frac)
-    return base
+def value_lr_multiplier(cfg: TrainConfig, step: int, memory: Any = None) -> float:
+    """Value-table lr multiplier: 1 (paper), or v1's linear decay (4x -> 1x) over the run.
+
+    memory: the model's sparse-layer config; the v1 schedule's endpoints live in
+    `UltraMemV1Config.value_lr_scale`, and `auto` picks v1 only for UltraMem v1 models.
+    """
+    from ultramem.config import UltraMemV1Config
+
+    schedule = cfg.value_lr_schedule
+    if schedule == "auto":
+        schedule = "v1" if isinstance(memory, UltraMemV1Config) else "constant"
+    if schedule == "v1":
+        v1 = memory if isinstance(memory, UltraMemV1Config) else UltraMemV1Config()
+        return cfg.value_lr_scale * v1.value_lr_scale(step, cfg.steps - 1)
+    return cfg.value_lr_scale
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -109,10 +118,10 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.opti
 
 
 def set_lrs(opts: dict[str, torch.optim.Optimizer], cfg: TrainConfig,
-            step: int) -> tuple[float, float]:
+            step: int, memory: Any = None) -> tuple[float, float]:
     """Set every group's lr for step; returns (base lr, value-table lr)."""
     lr = lr_at(cfg, step)
-    value_lr = lr * value_lr_multiplier(cfg, step)
+    value_lr = lr * value_lr_multiplier(cfg, step, memory)
     for opt in opts.values():
         for group in opt.param_groups:
             group["lr"] = value_lr if group.get("name") == "values" else lr

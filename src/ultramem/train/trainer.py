@@ -210,7 +210,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (or a skipped one); returns its numbers."""
         cfg = self.cfg
-        lr, value_lr = set_lrs(self.opts, cfg, step)
+        lr, value_lr = set_lrs(self.opts, cfg, step, self.model.cfg.memory)
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             x, y = self.train_order.batch(step * cfg.grad_accum + micro)
