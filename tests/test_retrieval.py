@@ -12,7 +12,8 @@ def _layer(**kw) -> UltraMemV2Layer:
     base = dict(n_keys=12, key_dim=16, top_m=8, value_dim=8, pre_value_dim=8, init_samples=256)
     cfg = MemoryConfig(**{**base, **kw})
     layer = UltraMemV2Layer(cfg, d_model=24)
-    init_memory_layer(layer, target_var=0.01, n_layers=2, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    init_memory_layer(layer, target_var=0.01, n_layers=2, generator=gen)
     return layer
 
 

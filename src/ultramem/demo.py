@@ -114,8 +114,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), show: bool = True) -> dict[str, flo
     model.eval()
     recall = fact_recall(model, fact_prompts(facts))
     prompt = f"The job of {facts[0].person} is"
-    sample = byte_decode(model.generate(torch.tensor([byte_encode(prompt)]), 80, temperature=0.7,
-                                        top_k=20, generator=torch.Generator().manual_seed(0))[0].tolist())
+    out = model.generate(torch.tensor([byte_encode(prompt)]), 80, temperature=0.7, top_k=20,
+                         generator=torch.Generator().manual_seed(0))
+    sample = byte_decode(out[0].tolist())
     results = {
         "steps": cfg.steps,
         "train_loss": train_loss,

@@ -222,7 +222,8 @@ class LM(nn.Module):
                                 write_at=writes.get(i, i), carry=carry))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = (None if cfg.tie_embeddings
+                     else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -249,7 +250,9 @@ class LM(nn.Module):
 
     def _check_input(self, idx: Tensor, past: int = 0) -> None:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be an integer [B, T] tensor, got {idx.dtype} {tuple(idx.shape)}")
+            raise ValueError(
+                f"idx must be an integer [B, T] tensor, got {idx.dtype} {tuple(idx.shape)}"
+            )
         if past + idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past} cached + {idx.shape[1]} new > "
                              f"max_seq_len={self.cfg.max_seq_len}")

@@ -139,7 +139,7 @@ class TuckerProductKeys(nn.Module):
         return beta * total
 
 
-# ----------------------------------------------------------------------------- additive product keys
+# -------------------------------------------------------------------- additive product keys
 
 
 def product_key_topk(s_first: Tensor, s_second: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

@@ -35,8 +35,9 @@ class TrainConfig:
     Value and pre-value tables form their own group: lr = schedule(step) * value_lr_scale *
     multiplier, the multiplier constant 1 (`constant`, the paper's choice) or UltraMem v1's linear
     4x -> 1x decay (`v1`, its endpoints from an `UltraMemV1Config` model's value_lr_start/end);
-    `auto` (default) is `v1` for UltraMem v1 models and `constant` for every other. value_update `sparse` gives them row-sparse gradients and a lazy row
-    update (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
+    `auto` (default) is `v1` for UltraMem v1 models and `constant` for every other.
+    value_update `sparse` gives them row-sparse gradients and a lazy row update
+    (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
     device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`. threads: CPU threads for
