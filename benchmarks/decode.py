@@ -204,8 +204,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--out", default="docs/benchmarks/decode.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="tiny family, few repeats")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.family, args.layer_family, args.repeats, args.batches = "tiny", "tiny", 3, "1,8,64"
     batches = [int(b) for b in args.batches.split(",")]

@@ -81,9 +81,9 @@ class TuckerProductKeys(nn.Module):
         """queries [T, 2, r, Dk] (row, col) -> S_row, S_col, each [T, r, n] in float32."""
         q = rms_norm(queries, self.query_gain)  # [T, 2, r, Dk]
         k = self.normed_keys().to(q.dtype)  # [2, r, n, Dk]
-        s_row = torch.einsum("trd,rnd->trn", q[:, 0], k[0]).float()  # [T, r, n]
-        s_col = torch.einsum("trd,rnd->trn", q[:, 1], k[1]).float()  # [T, r, n]
-        return s_row, s_col
+        # one batched matmul for rows and columns: [2, r, T, Dk] @ [2, r, Dk, n]
+        s = torch.matmul(q.permute(1, 2, 0, 3), k.transpose(-1, -2)).float()  # [2, r, T, n]
+        return s[0].transpose(0, 1), s[1].transpose(0, 1)  # [T, r, n] each
 
     def grid_scores(self, s_row: Tensor, s_col: Tensor) -> Tensor:
         """Exact summed Tucker score of every cell: [T, n, n]."""
@@ -100,14 +100,13 @@ class TuckerProductKeys(nn.Module):
         c = self.n_cores
         u, v = self.directions()
         with torch.no_grad():
-            row_rank = torch.einsum("r,trn->tn", u, s_row)  # [T, n]
-            col_rank = torch.einsum("r,trn->tn", v, s_col)  # [T, n]
-            row_idx = row_rank.topk(kr, dim=-1).indices  # [T, kr]
-            col_idx = col_rank.topk(kr, dim=-1).indices  # [T, kr]
+            row_idx = torch.matmul(u, s_row).topk(kr, dim=-1).indices  # [T, n] -> [T, kr]
+            col_idx = torch.matmul(v, s_col).topk(kr, dim=-1).indices  # [T, n] -> [T, kr]
         s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
         s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-        cores = self.cores.float()
-        cand = torch.einsum("tpi,kpq,tqj->tkij", s_row_k, cores, s_col_k)  # [T, c, kr, kr]
+        # G_k(i, j) = S_row[:, i]^T C_k S_col[:, j] for the kr x kr candidates, every core
+        core_col = torch.matmul(self.cores.float(), s_col_k.unsqueeze(1))  # [T, c, r, kr]
+        cand = torch.matmul(s_row_k.transpose(1, 2).unsqueeze(1), core_col)  # [T, c, kr, kr]
         cand = cand.reshape(t, c, kr * kr)
         with torch.no_grad():
             pos = cand.sum(1).topk(top_m, dim=-1).indices  # [T, m]

@@ -16,6 +16,8 @@ are built per touched row (sorted unique rows, then a segment sum), returned den
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -89,20 +91,28 @@ def _row_grad(rows: Tensor, w: Tensor, g: Tensor, n_rows: int, sparse: bool) -> 
     return torch.zeros(n_rows, d, dtype=vals.dtype, device=vals.device).index_copy_(0, uniq, vals)
 
 
+def _lookup_forward(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+    """embedding_bag over the [N*c, D/c] view, one bag per (token, slice): -> [T, D]."""
+    t, m, c = w.shape
+    n, d = table.shape
+    if c == 1:
+        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=w.view(t, m))
+    idx = _slice_index(rows, c)  # [T*c, m]
+    bag_w = w.permute(0, 2, 1).reshape(t * c, m)  # [T*c, m]
+    out = F.embedding_bag(idx, table.view(n * c, d // c), mode="sum", per_sample_weights=bag_w)
+    return out.view(t, d)
+
+
 class _WeightedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor, sparse: bool) -> Tensor:
         w = _as_slices(weights).to(table.dtype)  # [T, m, c]
-        t, m, c = w.shape
-        n, d = table.shape
-        idx = _slice_index(rows, c)  # [T*c, m]
-        bag_w = w.permute(0, 2, 1).reshape(t * c, m)  # [T*c, m]
-        out = F.embedding_bag(idx, table.view(n * c, d // c), mode="sum", per_sample_weights=bag_w)
+        out = _lookup_forward(table, rows, w)  # [T, D]
         ctx.save_for_backward(table, rows, w)
         ctx.sparse = sparse
         ctx.squeeze = weights.dim() == 2
         ctx.w_dtype = weights.dtype
-        return out.view(t, d)  # [T, D]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -169,6 +179,8 @@ def weighted_lookup(
         return weighted_lookup_reference(table, rows, weights)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    if not torch.is_grad_enabled():  # decoding: skip the autograd wrapper
+        return _lookup_forward(table, rows, _as_slices(weights).to(table.dtype))
     return _WeightedLookup.apply(table, rows, weights, sparse_grad)
 
 
@@ -183,6 +195,8 @@ def gather_dot(
         return gather_dot_reference(table, rows, x)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    if not torch.is_grad_enabled():  # decoding: skip the autograd wrapper
+        return _dot_rows(table, rows, x.to(table.dtype))
     return _GatherDot.apply(table, rows, x, sparse_grad)
 
 
@@ -206,6 +220,7 @@ def memory_read(values: Tensor, pre_values: Tensor, rows: Tensor, scores: Tensor
                            impl=impl)  # [T, Dv]
 
 
+@functools.cache
 def _has_triton() -> bool:
     import importlib.util
 
