@@ -57,11 +57,12 @@ def drop_cache(path: Path) -> None:
             os.close(fd)
 
 
-def serve(path: Path, mode: str, batch: int, new: int) -> None:
+def serve(path: Path, mode: str, batch: int, new: int, threads: int) -> None:
     import torch
 
     from ultramem.offload import load_offloaded
 
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_offloaded(path, int8=mode == "mmap-int8", in_memory=mode == "ram-fp32")
     load_s = time.perf_counter() - start
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--n-keys", type=int, default=CONFIG["memory"]["n_keys"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads when serving")
     parser.add_argument("--out", default="docs/benchmarks/offload.json")
     parser.add_argument("--workdir", default=None, help="where the checkpoint goes (temp dir)")
     parser.add_argument("--_write", default=None, help=argparse.SUPPRESS)
@@ -93,11 +95,11 @@ def main() -> None:
         write(Path(args._write), args.n_keys)
         return
     if args._serve:
-        serve(Path(args._serve[0]), args._serve[1], args.batch, args.new)
+        serve(Path(args._serve[0]), args._serve[1], args.batch, args.new, args.threads)
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ultramem-offload-"))
     me = [sys.executable, __file__, "--n-keys", str(args.n_keys), "--batch", str(args.batch),
-          "--new", str(args.new)]
+          "--new", str(args.new), "--threads", str(args.threads)]
     try:
         ckpt = Path(subprocess.check_output(me + ["--_write", str(work)], text=True).split()[-1])
         rows = []
