@@ -42,6 +42,25 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / (ms / 1e3)  # read + write
 
 
+def _cases(values, pre, rows, scores, xp, grad) -> dict:
+    from ultramem.ops import memory_read
+    from ultramem.ops.triton_lookup import fused_memory_read
+
+    def fused(atomic: bool = False):
+        return fused_memory_read(values, pre, rows, scores, xp, atomic=atomic)
+
+    def bag():
+        return memory_read(values, pre, rows, scores, xp, impl="fast")
+
+    return {
+        "fused_fwd": fused,
+        "bag_fwd": bag,
+        "fused_fwd_bwd": lambda: fused().backward(grad),
+        "fused_fwd_bwd_atomic": lambda: fused(atomic=True).backward(grad),
+        "bag_fwd_bwd": lambda: bag().backward(grad),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1 << 20)
@@ -54,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_kernels.py needs CUDA; nothing measured")
-    from ultramem.ops import gather_dot_reference, memory_read, weighted_lookup_reference
+    from ultramem.ops import gather_dot_reference, weighted_lookup_reference
     from ultramem.ops.triton_lookup import fused_memory_read
 
     dev = "cuda"
@@ -74,15 +93,7 @@ def main() -> None:
             err = (fused_memory_read(values, pre, rows, scores, xp) - ref).abs().max().item()
         moved = t * m * (dv + dp) * 4 + t * (dp + dv + m * c) * 4
         result = {"batch": t, "max_abs_err": err, "bytes": moved}
-        for name, fn in {
-            "fused_fwd": lambda: fused_memory_read(values, pre, rows, scores, xp),
-            "bag_fwd": lambda: memory_read(values, pre, rows, scores, xp, impl="fast"),
-            "fused_fwd_bwd": lambda: fused_memory_read(values, pre, rows, scores, xp).backward(grad),
-            "fused_fwd_bwd_atomic": lambda: fused_memory_read(values, pre, rows, scores, xp,
-                                                              atomic=True).backward(grad),
-            "bag_fwd_bwd": lambda: memory_read(values, pre, rows, scores, xp,
-                                               impl="fast").backward(grad),
-        }.items():
+        for name, fn in _cases(values, pre, rows, scores, xp, grad).items():
             ms = _time_ms(fn)
             result[f"{name}_ms"] = ms
             result[f"{name}_gbps"] = moved / (ms / 1e3) / 1e9
