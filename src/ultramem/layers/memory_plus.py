@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import MemoryPlusConfig
+from ultramem.layers.common import flatten_tokens
 from ultramem.layers.pkm import ProductKeyQuery
 from ultramem.ops import weighted_lookup
 
@@ -46,9 +47,7 @@ class MemoryPlusLayer(nn.Module):
         self.init_stats: dict[str, float] = {}
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(f"MemoryPlusLayer: input last dim {u.shape[-1]} != {self.d_model}")
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Scores [T, H*k] and rows of the shared table [T, H*k]."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import MoEConfig
+from ultramem.layers.common import flatten_tokens
 
 
 class MoELayer(nn.Module):
@@ -40,9 +41,7 @@ class MoELayer(nn.Module):
         self.impl = "auto"
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(f"MoELayer: input last dim {u.shape[-1]} != d_model={self.d_model}")
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router logits [T, E] (float32 or wider), top-k weights [T, k] and expert ids [T, k]."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import PEERConfig
+from ultramem.layers.common import flatten_tokens
 from ultramem.layers.pkm import ProductKeyQuery
 from ultramem.ops import gather_dot, weighted_lookup
 
@@ -31,9 +32,7 @@ class PEERLayer(nn.Module):
         self.init_stats: dict[str, float] = {}
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(f"PEERLayer: input last dim {u.shape[-1]} != {self.d_model}")
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Router scores [T, H*k] and expert ids [T, H*k]."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ultramem.config import PKMConfig
+from ultramem.layers.common import flatten_tokens
 from ultramem.ops import weighted_lookup
 from ultramem.retrieval import product_key_topk, rms_norm
 
@@ -81,9 +82,7 @@ class PKMLayer(nn.Module):
         self.init_stats: dict[str, float] = {}
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(f"PKMLayer: input last dim {u.shape[-1]} != {self.d_model}")
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Scores [T, H*k] and value rows [T, H*k] of every head's selection."""

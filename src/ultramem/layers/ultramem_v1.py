@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ultramem.config import UltraMemV1Config
+from ultramem.layers.common import flatten_tokens
 from ultramem.ops import weighted_lookup
 from ultramem.retrieval import TuckerProductKeys
 
@@ -43,9 +44,7 @@ class UltraMemV1Layer(nn.Module):
         self.init_stats: dict[str, float] = {}
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(f"UltraMemV1Layer: input last dim {u.shape[-1]} != {self.d_model}")
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def queries(self, x: Tensor) -> Tensor:
         return self.query(x).view(-1, 2, self.cfg.tucker_rank, self.cfg.key_dim)  # [T, 2, r, Dk]

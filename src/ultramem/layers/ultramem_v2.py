@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ultramem.config import MemoryConfig
+from ultramem.layers.common import flatten_tokens
 from ultramem.ops import memory_read
 from ultramem.retrieval import TuckerProductKeys
 
@@ -100,11 +101,7 @@ class UltraMemV2Layer(nn.Module):
         return q.view(-1, 2, r, dk)  # [T, 2, r, Dk]
 
     def _flat(self, u: Tensor) -> Tensor:
-        if u.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{type(self).__name__}: input last dim {u.shape[-1]} != d_model={self.d_model}"
-            )
-        return u.reshape(-1, self.d_model)
+        return flatten_tokens(self, u)
 
     def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s_row, s_col = self.keys.row_col_scores(self._queries(x))  # [T, r, n] each
