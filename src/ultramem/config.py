@@ -200,8 +200,23 @@ class MoEConfig:
         return cls(n_experts=8, top_k=2, expert_hidden=expert_hidden, renormalize=True, **changes)
 
 
+class _ProductKeyLayout:
+    """What PKM, PEER and Memory+ configs share: an n_keys x n_keys grid, optional FFN swap."""
+
+    n_keys: int
+    replace_ffn: bool
+
+    @property
+    def replaces_ffn(self) -> bool:
+        return self.replace_ffn
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys * self.n_keys
+
+
 @dataclass(frozen=True)
-class PKMConfig:
+class PKMConfig(_ProductKeyLayout):
     """Product-key memory (Lample et al. 2019), REFERENCE.md section 6.
 
     The query (width key_dim) is split in two halves scored against n_keys sub-keys each; the
@@ -227,14 +242,6 @@ class PKMConfig:
         _require(self.kind == "pkm", "kind", f"must be 'pkm', got {self.kind!r}")
         _check_product_keys(self)
 
-    @property
-    def replaces_ffn(self) -> bool:
-        return self.replace_ffn
-
-    @property
-    def n_values(self) -> int:
-        return self.n_keys * self.n_keys
-
 
 def _check_product_keys(cfg: Any) -> None:
     _positive_ints(cfg, ("n_keys", "key_dim", "n_heads", "top_k"))
@@ -248,7 +255,7 @@ def _check_product_keys(cfg: Any) -> None:
 
 
 @dataclass(frozen=True)
-class PEERConfig:
+class PEERConfig(_ProductKeyLayout):
     """PEER (He 2024): product-key retrieval of single-neuron experts, REFERENCE.md section 6.
 
     n_keys**2 experts e_s(x) = GELU(<u_s, x>) v_s with u_s, v_s in R^h, shared by n_heads heads
@@ -270,17 +277,9 @@ class PEERConfig:
         _require(self.kind == "peer", "kind", f"must be 'peer', got {self.kind!r}")
         _check_product_keys(self)
 
-    @property
-    def replaces_ffn(self) -> bool:
-        return self.replace_ffn
-
-    @property
-    def n_values(self) -> int:
-        return self.n_keys * self.n_keys
-
 
 @dataclass(frozen=True)
-class MemoryPlusConfig:
+class MemoryPlusConfig(_ProductKeyLayout):
     """Memory+ (Berges et al. 2024), REFERENCE.md section 6.
 
     PKM with RMS qk-norm, one value table shared by every memory layer, and a gated output
@@ -301,14 +300,6 @@ class MemoryPlusConfig:
         _as_tuple(self, "layers")
         _require(self.kind == "memory_plus", "kind", f"must be 'memory_plus', got {self.kind!r}")
         _check_product_keys(self)
-
-    @property
-    def replaces_ffn(self) -> bool:
-        return self.replace_ffn
-
-    @property
-    def n_values(self) -> int:
-        return self.n_keys * self.n_keys
 
 
 @dataclass(frozen=True)
