@@ -71,7 +71,7 @@ def touched_bytes(arch: str, block, u: torch.Tensor) -> float:
         return float(experts.unique().numel() * per_expert + layer.router.weight.numel() * BYTES)
     _, rows = layer.retrieve(u)
     cfg = layer.cfg
-    tables = sum(t.numel() for t in layer.tables())
+    tables = sum(t.numel() for t in layer.tables() if t is not None)
     dense = _params_bytes(layer) - tables * BYTES
     return float(rows.unique().numel() * (cfg.value_dim + cfg.pre_value_dim) * BYTES + dense)
 
@@ -84,7 +84,7 @@ def predicted_bytes(arch: str, cfg: ModelConfig, block, batch: int) -> float:
     sparse = decode_bytes(cfg, batch, BYTES)["sparse"]  # one-layer config: this layer's tables
     if arch == "moe":
         return sparse + layer.router.weight.numel() * BYTES
-    tables = sum(t.numel() for t in layer.tables())
+    tables = sum(t.numel() for t in layer.tables() if t is not None)
     return sparse + _params_bytes(layer) - tables * BYTES
 
 

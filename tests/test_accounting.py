@@ -33,6 +33,7 @@ def _instantiated(model: LM) -> int:
     ("tiny/ultramem_v1", {"memory": {"virtual_blocks": 9, "n_heads": 3, "n_cores": 1}}),
     ("tiny/moe", {"memory": {"layers": (1, 2)}}),
     ("tiny/ultramem_v2", {"memory": {"share_group": 2}}),
+    ("tiny/ultramem_v2", {"memory": {"pre_value_dim": 0}}),
 ])
 def test_total_params_match_instantiated_model(name, changes):
     cfg = ModelConfig.preset(name, **changes)

@@ -19,6 +19,8 @@ from ultramem.accounting import count_params
         ({"value_init": "xavier"}, "value_init"),
         ({"share_group": 3}, "share_group"),
         ({"top_m": 2.5}, "top_m"),
+        ({"pre_value_dim": -1}, "pre_value_dim"),
+        ({"value_dim": 0}, "value_dim"),
     ],
 )
 def test_memory_config_errors_name_the_field(kwargs, field):

@@ -42,8 +42,8 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def small_cfg() -> ModelConfig:
-    return ModelConfig.preset("tiny").replace(**SMALL_MODEL)
+def small_cfg(**memory) -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(**SMALL_MODEL).replace(memory=memory)
 
 
 def quick(**changes) -> TrainConfig:
@@ -84,6 +84,13 @@ def worker(out: Path) -> None:
                 result[f"loss_{parallel}_{update}"] = loss
                 result[f"tables_{parallel}"] = {n: list(p.shape) for n, p in
                                                 t.model.named_parameters() if "values" in n}
+    # Plain values (no pre-value table) with column-sharded tables.
+    t = Trainer(small_cfg(pre_value_dim=0), quick(**OPTIONS["fsdp_sharded"]), out / "g_plain",
+                data, show_progress=False)
+    loss, grads = first_step_grads(t)
+    torch.save(grads, out / f"grads_plain_rank{ctx.rank}.pt")
+    if ctx.rank == 0:
+        result["loss_plain"] = loss
     # Full 4-step run, and a 2-step run resumed to 4 under torchrun: identical losses.
     for parallel in PARALLEL:
         full, resumed = out / f"full_{parallel}", out / f"resumed_{parallel}"
@@ -132,6 +139,23 @@ def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update
     assert result[f"loss_{parallel}_{update}"] == pytest.approx(loss, rel=1e-6)
     for rank in (0, 1):
         got = torch.load(out / f"grads_{parallel}_{update}_rank{rank}.pt", weights_only=True)
+        assert got.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7,
+                                       msg=f"rank {rank} {name}")
+
+
+def test_plain_values_sharded_match_one_process(tmp_path, torchrun_result):
+    out, result = torchrun_result
+    from ultramem.train.trainer import Trainer
+
+    single = Trainer(small_cfg(pre_value_dim=0), quick(batch_size=2 * PER_RANK_BATCH), tmp_path,
+                     out / "data", show_progress=False)
+    loss, grads = first_step_grads(single)
+    assert not any("pre_value" in name for name in grads)
+    assert result["loss_plain"] == pytest.approx(loss, rel=1e-6)
+    for rank in (0, 1):
+        got = torch.load(out / f"grads_plain_rank{rank}.pt", weights_only=True)
         assert got.keys() == grads.keys()
         for name in grads:
             torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7,

@@ -63,12 +63,14 @@ def _configs(base):
     cfgs["ultramem_v1_skip"] = small.replace(memory=SPARSE_CONFIGS["ultramem_v1"](pairs=((0, 1),)))
     cfgs["ultramem_v2_shared_untied"] = small.replace(memory={"share_group": 2},
                                                       tie_embeddings=False)
+    cfgs["ultramem_v2_plain_values"] = small.replace(memory={"pre_value_dim": 0})
     cfgs["dense"] = small.replace(memory=None)
     return cfgs
 
 
 @pytest.mark.parametrize("kind", ["moe", "pkm", "peer", "memory_plus", "ultramem_v1",
-                                  "ultramem_v1_skip", "ultramem_v2_shared_untied", "dense"])
+                                  "ultramem_v1_skip", "ultramem_v2_shared_untied",
+                                  "ultramem_v2_plain_values", "dense"])
 @torch.no_grad()
 def test_round_trip_every_architecture(tiny_cfg, tmp_path, kind):
     model = LM(_configs(tiny_cfg)[kind], seed=0).eval()

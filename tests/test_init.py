@@ -31,6 +31,7 @@ def _balance(model: LM, tokens: int = 4096) -> list[float]:
         {},
         {"memory": {"top_m": 8, "value_dim": 48, "pre_value_dim": 16, "tucker_rank": 3}},
         {"n_layers": 2, "ffn_hidden": 256, "memory": {"n_cores": 1, "value_dim": 24}},
+        {"memory": {"pre_value_dim": 0}},  # plain values: the square-root formula
     ],
 )
 def test_memory_output_variance_matches_ffn_in_every_block(changes):
@@ -63,6 +64,9 @@ def test_swiglu_inner_variance_against_monte_carlo():
 def test_value_std_inverts_the_variance_formula():
     std = value_std_for(0.01, 128, 32, 32, 16, 1.3)
     assert memory_output_variance(std, 128, 32, 32, 16, 1.3) == pytest.approx(0.01)
+    plain = value_std_for(0.01, 128, 0, 32, 16, 1.3)
+    assert memory_output_variance(plain, 128, 0, 32, 16, 1.3) == pytest.approx(0.01)
+    assert plain != pytest.approx(std)
 
 
 def test_fixed_value_init_option():

@@ -86,3 +86,23 @@ def test_bad_shapes_raise():
         weighted_lookup(table, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, 4))
     with pytest.raises(ValueError, match="tokens"):
         gather_dot(table, torch.zeros(2, 2, dtype=torch.long), torch.ones(3, 6))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast", "auto"])
+def test_memory_read_plain_values_weights_by_scores_alone(impl):
+    """pre_values None (pre_value_dim=0): y = sum_s G_k(s) value[s][slice k], a_s = 1."""
+    from ultramem.ops import memory_read
+
+    t, m, n, d, c = 5, 4, 13, 6, 2
+    values = torch.randn(n, d, dtype=torch.float64)
+    rows = _rows_with_repeats(t, m, n)
+    scores = torch.randn(t, m, c, dtype=torch.float64)
+    got = memory_read(values, None, rows, scores, None, impl=impl)
+    sliced = values[rows].view(t, m, c, d // c)  # [T, m, c, Dv / c]
+    want = (scores.unsqueeze(-1) * sliced).sum(1).reshape(t, d)
+    torch.testing.assert_close(got, want)
+    # ... and with pre-values all-ones in the one dimension they'd be the same read.
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    torch.testing.assert_close(
+        memory_read(values, ones, rows, scores, torch.ones(t, 1, dtype=torch.float64),
+                    impl=impl), want)

@@ -27,6 +27,8 @@ def _assert_all_grads(model):
     [
         {},
         {"memory": {"shared_rank_query": True}},
+        {"memory": {"pre_value_dim": 0}},
+        {"memory": {"share_group": 2, "pre_value_dim": 0}},
         {"memory": {"share_group": 2}},
         {"memory": {"sparse_grad": True}},
         {"memory": {"tucker_penalty": 0.001, "balance_loss": 0.001, "tucker_tau": 0.0}},

@@ -50,6 +50,22 @@ def test_int8_tables_are_close(checkpoint):
     assert 0 < rel < 0.01, rel
 
 
+def test_plain_values_offload(tmp_path):
+    """pre_value_dim=0: no pre-value table in the checkpoint; mmap and int8 serving still work."""
+    cfg = ModelConfig.preset("tiny").replace(n_layers=2, memory={"pre_value_dim": 0})
+    model = LM(cfg, seed=4).eval()
+    path = save_checkpoint(tmp_path, 1, model=model, config={"model": cfg.to_dict()})
+    assert not any("pre_values" in k for k in mmap_safetensors(path / "model.safetensors"))
+    idx = torch.randint(0, 256, (2, 16))
+    served = load_offloaded(path)
+    with torch.no_grad():
+        torch.testing.assert_close(served(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    write_int8_tables(path)
+    with torch.no_grad():
+        ref, got = model(idx)[0], load_offloaded(path, int8=True)(idx)[0]
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.01
+
+
 def test_quantize_int8_round_trip():
     t = torch.randn(100, 16) * torch.rand(100, 1)
     q, s = quantize_int8(t, chunk=7)

@@ -3,6 +3,7 @@ on one of its checkpoints. Everything is written under tmp_path, never into docs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -56,12 +57,15 @@ def test_study_reuses_finished_runs_and_checks_names(study_dirs, tmp_path):
     with pytest.raises(ValueError, match="archs"):
         StudyConfig(archs=("dense", "nope"))
     with pytest.raises(ValueError, match="ablations"):
-        StudyConfig(ablations=("plain_values",))
+        StudyConfig(ablations=("no_such_ablation",))
 
 
 def test_ablation_configs_change_one_thing():
     runs = run_configs(StudyConfig(family="small", archs=("ultramem_v2",)))
     base = runs["ultramem_v2"].memory
+    assert runs["ultramem_v2+plain_values"].memory.pre_value_dim == 0
+    assert dataclasses.replace(runs["ultramem_v2+plain_values"].memory,
+                               pre_value_dim=base.pre_value_dim) == base
     assert runs["ultramem_v2+fixed_init"].memory.value_init == "fixed"
     assert runs["ultramem_v2+shared_query"].memory.shared_rank_query
     assert runs["ultramem_v2+half_layers"].memory_blocks == (1, 3, 5, 7)  # four of eight

@@ -69,7 +69,9 @@ class MemoryConfig:
     n_keys: rows (= columns) of the key grid, so a layer has n_keys**2 value slots.
     key_dim: Dk. tucker_rank: r. n_cores: c (multi-core scoring over Dv slices).
     top_m: slots read per token. rowcol_topk: rows/columns kept by rank-1 pre-selection
-    (None -> min(top_m, 128, n_keys)). value_dim / pre_value_dim: Dv / Dp.
+    (None -> min(top_m, 128, n_keys)). value_dim / pre_value_dim: Dv / Dp. pre_value_dim=0 gives
+    plain values (no pre-values, no W_pre: each slot is weighted by its scores alone), the
+    paper's ablation of PEER-style values.
     layers: block indices that get a memory layer (None -> every block).
     shared_rank_query: reproduce the reference code, whose Tucker ranks share one row/col query.
     value_init: "paper" (variance-matched, REFERENCE.md section 4) or "fixed" (std fixed_value_std).
@@ -110,7 +112,13 @@ class MemoryConfig:
         _positive_ints(
             self,
             ("n_keys", "key_dim", "tucker_rank", "n_cores", "top_m", "value_dim",
-             "pre_value_dim", "share_group", "init_samples"),
+             "share_group", "init_samples"),
+        )
+        _require(
+            isinstance(self.pre_value_dim, int) and not isinstance(self.pre_value_dim, bool)
+            and self.pre_value_dim >= 0,
+            "pre_value_dim",
+            f"must be an integer >= 0 (0 = plain values), got {self.pre_value_dim!r}",
         )
         _require(
             self.top_m <= self.n_values,

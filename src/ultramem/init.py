@@ -7,6 +7,7 @@ FFN output variance. The chain, for a memory layer with top_m = m, Dv, Dp and va
     a_s          : Dp * sigma_V^2 * 0.4
     y (per dim)  : m * E[a^2] * E[G_k^2] * sigma_V^2
     out          : Dv * 2/(5h) * var(y) = 0.16 * sigma_V^4 * Dp * m * Dv * E[G_k^2] / h
+                   (plain values, Dp = 0: a = 1, so 0.4 * sigma_V^2 * m * Dv * E[G_k^2] / h)
 
 E[G_k^2] is the second moment of the per-core selected scores, measured by Monte Carlo through
 the real retrieval after the query/key gains are set so the mean selected score is 1 (then
@@ -62,14 +63,21 @@ def paper_ffn_output_variance(d_model: int, ffn_hidden: int, n_layers: int) -> f
 
 def memory_output_variance(value_std: float, d_model: int, pre_value_dim: int, value_dim: int,
                            top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
-    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's, with E[G^2] = 1 + sigma_s^2)."""
-    return (0.16 * value_std**4 * pre_value_dim * top_m * n_heads * value_dim
-            * score_second_moment / d_model)
+    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's, with E[G^2] = 1 + sigma_s^2).
+
+    pre_value_dim=0 (plain values, a_s = 1): 0.4 sigma_V^2 m n_head Dv E[G^2] / h.
+    """
+    a2 = 0.4 * pre_value_dim * value_std**2 if pre_value_dim else 1.0  # E[a_s^2]
+    return 0.4 * value_std**2 * a2 * top_m * n_heads * value_dim * score_second_moment / d_model
 
 
 def value_std_for(target_var: float, d_model: int, pre_value_dim: int, value_dim: int,
                   top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
-    """sigma_V such that `memory_output_variance` equals target_var (fourth root)."""
+    """sigma_V such that `memory_output_variance` equals target_var: a fourth root with
+    pre-values (both tables share sigma_V), a square root for plain values."""
+    if not pre_value_dim:
+        return (target_var * d_model / (0.4 * top_m * n_heads * value_dim
+                                        * score_second_moment)) ** 0.5
     denom = 0.16 * pre_value_dim * top_m * n_heads * value_dim * score_second_moment
     return (target_var * d_model / denom) ** 0.25
 
@@ -132,7 +140,8 @@ def init_memory_layer(layer: nn.Module, target_var: float, n_layers: int,
     cfg, h = layer.cfg, layer.d_model
     std = linear_std(h)
     for lin in (layer.query, layer.pre_proj, layer.out_proj):
-        lin.weight.normal_(std=std, generator=generator)
+        if lin is not None:  # pre_proj is None for plain values
+            lin.weight.normal_(std=std, generator=generator)
     stats = init_retrieval(layer, cfg.init_samples, generator)
     if cfg.value_init == "fixed":
         value_std = cfg.fixed_value_std
@@ -142,7 +151,8 @@ def init_memory_layer(layer: nn.Module, target_var: float, n_layers: int,
     if init_tables:
         values, pre_values = layer.tables()
         values.normal_(std=value_std, generator=generator)
-        pre_values.normal_(std=value_std, generator=generator)
+        if pre_values is not None:
+            pre_values.normal_(std=value_std, generator=generator)
     stats.update(
         value_std=value_std,
         target_var=target_var,

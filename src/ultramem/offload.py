@@ -77,7 +77,8 @@ class OffloadedTables:
     `read(rows, scores, xp)` computes the memory read on the host and returns it on xp's device.
     """
 
-    def __init__(self, values: Tensor, pre_values: Tensor, values_scale: Tensor | None = None,
+    def __init__(self, values: Tensor, pre_values: Tensor | None,
+                 values_scale: Tensor | None = None,
                  pre_values_scale: Tensor | None = None):
         self.values, self.pre_values = values, pre_values
         self.values_scale, self.pre_values_scale = values_scale, pre_values_scale
@@ -91,18 +92,22 @@ class OffloadedTables:
         return got if scale is None else got * scale[rows].unsqueeze(-1)
 
     @torch.no_grad()
-    def read(self, rows: Tensor, scores: Tensor, xp: Tensor) -> Tensor:
+    def read(self, rows: Tensor, scores: Tensor, xp: Tensor | None) -> Tensor:
+        """xp None: plain values (no pre-value table)."""
         host = rows.cpu()
-        scores_h, xp_h = scores.detach().float().cpu(), xp.detach().float().cpu()
+        scores_h = scores.detach().float().cpu()
+        xp_h = xp.detach().float().cpu() if xp is not None else None
         if self.quantized:
             t, m = host.shape
             values = self._rows(self.values, self.values_scale, host).reshape(t * m, -1)
-            pre = self._rows(self.pre_values, self.pre_values_scale, host).reshape(t * m, -1)
+            pre = (self._rows(self.pre_values, self.pre_values_scale, host).reshape(t * m, -1)
+                   if self.pre_values is not None else None)
             local = torch.arange(t * m).view(t, m)  # the gathered rows, in order
             y = memory_read(values, pre, local, scores_h, xp_h, impl="fast")
         else:
             y = memory_read(self.values, self.pre_values, host, scores_h, xp_h, impl="fast")
-        return y.to(device=xp.device, dtype=xp.dtype)
+        like = xp if xp is not None else scores
+        return y.to(device=like.device, dtype=like.dtype)
 
 
 def _table_names(model: nn.Module) -> dict[str, tuple[UltraMemV2Layer, str]]:
@@ -111,7 +116,8 @@ def _table_names(model: nn.Module) -> dict[str, tuple[UltraMemV2Layer, str]]:
     for mod_name, module in model.named_modules():
         if isinstance(module, UltraMemV2Layer) and module.store is None:
             for attr in ("values", "pre_values"):
-                names[f"{mod_name}.{attr}"] = (module, attr)
+                if getattr(module, attr) is not None:  # pre_values is None for plain values
+                    names[f"{mod_name}.{attr}"] = (module, attr)
     return names
 
 
@@ -171,6 +177,7 @@ def load_offloaded(checkpoint: str | Path, *, device: str | torch.device = "cpu"
             t = tensors[f"{prefix}.{attr}"]
             return (t.clone() if in_memory else t), None
 
-        (values, v_scale), (pre, p_scale) = get("values"), get("pre_values")
+        values, v_scale = get("values")
+        pre, p_scale = get("pre_values") if f"{prefix}.pre_values" in tables else (None, None)
         layer.table_source = OffloadedTables(values, pre, v_scale, p_scale)
     return model.to(device).eval()

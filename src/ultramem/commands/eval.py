@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=300, help="training steps per run")
     s.add_argument("--archs", default="all", help=f"comma list of {list(ARCHS)}, all or none")
     s.add_argument("--ablations", default="all",
-                   help="comma list of fixed_init,shared_query,half_layers, all or none")
+                   help="comma list of plain_values,fixed_init,shared_query,half_layers, all or "
+                        "none")
     s.add_argument("--out", default="docs/results", help="where <family>.md and plots go")
     s.add_argument("--work", default="runs/study", help="run directories (checkpoints, data)")
     s.add_argument("--batch-size", type=int, default=16)

@@ -28,10 +28,10 @@ from typing import Any
 from ultramem.config import ARCHS, FAMILIES, ModelConfig
 from ultramem.tasks import LONG_CONTEXT, TASKS, build_tasks
 
-# Ablations of the family's ultramem_v2 member: name -> (description, memory changes or a function
-# of the config). `plain_values` (PEER-style pre-values vs plain values) is missing: the layer
-# has no switch for it (MemoryConfig.pre_value_dim must be >= 1).
+# Ablations of the family's ultramem_v2 member: name -> description (`run_configs` applies them).
 ABLATIONS: dict[str, str] = {
+    "plain_values": "plain values weighted by the scores alone, no PEER-style pre-values "
+                    "(pre_value_dim=0; fewer total parameters, everything else equal)",
     "fixed_init": "values initialized with fixed std 0.02 instead of the paper's variance match",
     "shared_query": "one row/column query shared by all Tucker ranks (the reference code)",
     "half_layers": "a memory layer in every other block only (small: 4 of 8 blocks)",
@@ -93,8 +93,10 @@ def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
     runs = {arch: ModelConfig.preset(f"{cfg.family}/{arch}") for arch in cfg.archs}
     base = ModelConfig.preset(f"{cfg.family}/ultramem_v2")
     for name in cfg.ablations:
-        if name == "fixed_init":
-            change: dict[str, Any] = {"value_init": "fixed"}
+        if name == "plain_values":
+            change: dict[str, Any] = {"pre_value_dim": 0}
+        elif name == "fixed_init":
+            change = {"value_init": "fixed"}
         elif name == "shared_query":
             change = {"shared_rank_query": True}
         else:  # half_layers

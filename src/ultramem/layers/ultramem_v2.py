@@ -6,6 +6,7 @@ Per token u [h]:
   retrieval = Tucker pre-selection + exact scoring -> top m cells with per-core scores G_k
   rows      = perm[cell]                  -> the fixed shuffle maps grid cells to value rows
   a_s       = <pre_value[s], W_pre u>     -> PEER-style one-neuron expert input, no activation
+                                             (pre_value_dim=0: plain values, a_s = 1)
   y         = sum_s a_s * G_k(s) * value[s][slice k]   (slice k of Dv weighted by core k)
   out       = W_out y                     -> [h], added to the residual next to the FFN
 Raw scores weight the values: no softmax. Initialization lives in `ultramem.init`.
@@ -34,7 +35,7 @@ class ValueStore(nn.Module):
         super().__init__()
         self.n_tables, self.rows_per_table, self.group = n_tables, rows_per_table, group
         self.values = nn.Parameter(torch.empty(n_tables * rows_per_table, value_dim))
-        self.pre_values = nn.Parameter(torch.empty(n_tables * rows_per_table, pre_value_dim))
+        self.pre_values = _pre_value_table(n_tables * rows_per_table, pre_value_dim)
 
     def global_rows(self, slot: int, rows: Tensor) -> Tensor:
         """Window-local rows of layer `slot` -> rows of the stacked tables."""
@@ -42,11 +43,17 @@ class ValueStore(nn.Module):
         return table * self.rows_per_table + rows % self.rows_per_table
 
 
+def _pre_value_table(rows: int, pre_value_dim: int) -> nn.Parameter | None:
+    """The pre-value table, or None for plain values (pre_value_dim=0)."""
+    return nn.Parameter(torch.empty(rows, pre_value_dim)) if pre_value_dim else None
+
+
 class UltraMemV2Layer(nn.Module):
     """UltraMemV2 memory layer: `forward(u [..., h]) -> [..., h]`.
 
     store/slot: with S_g-Ring sharing, the shared `ValueStore` and this layer's index among the
     memory layers; otherwise the layer owns its `values` [N, Dv] and `pre_values` [N, Dp].
+    With pre_value_dim=0 (plain values) `pre_values` and `pre_proj` are None.
     """
 
     def __init__(self, cfg: MemoryConfig, d_model: int, *, slot: int = 0,
@@ -57,7 +64,8 @@ class UltraMemV2Layer(nn.Module):
         n_query = 2 * dk if cfg.shared_rank_query else 2 * r * dk
         self.query = nn.Linear(d_model, n_query, bias=False)
         self.keys = TuckerProductKeys(cfg.n_keys, dk, r, cfg.n_cores)
-        self.pre_proj = nn.Linear(d_model, cfg.pre_value_dim, bias=False)  # W_pre
+        self.pre_proj = (nn.Linear(d_model, cfg.pre_value_dim, bias=False)  # W_pre
+                         if cfg.pre_value_dim else None)
         self.out_proj = nn.Linear(cfg.value_dim, d_model, bias=False)  # W_out
         gen = torch.Generator().manual_seed(cfg.seed + slot)
         self.register_buffer("perm", torch.randperm(cfg.n_values, generator=gen))
@@ -65,7 +73,7 @@ class UltraMemV2Layer(nn.Module):
             if cfg.share_group != 1:
                 raise ValueError("share_group > 1 needs a ValueStore passed as store=")
             self.values = nn.Parameter(torch.empty(cfg.n_values, cfg.value_dim))
-            self.pre_values = nn.Parameter(torch.empty(cfg.n_values, cfg.pre_value_dim))
+            self.pre_values = _pre_value_table(cfg.n_values, cfg.pre_value_dim)
         # A plain attribute, not a submodule: the model owns the store, layers only borrow it.
         object.__setattr__(self, "store", store)
         # Set by `ultramem.offload` when the tables are served from disk or host memory.
@@ -75,8 +83,8 @@ class UltraMemV2Layer(nn.Module):
 
     # -- tables ---------------------------------------------------------------------------
 
-    def tables(self) -> tuple[Tensor, Tensor]:
-        """(values, pre_values) this layer reads, [rows, Dv] and [rows, Dp]."""
+    def tables(self) -> tuple[Tensor, Tensor | None]:
+        """(values, pre_values) this layer reads, [rows, Dv] and [rows, Dp] (None: plain values)."""
         if self.table_source is not None:
             return self.table_source.values, self.table_source.pre_values
         if self.store is None:
@@ -131,8 +139,8 @@ class UltraMemV2Layer(nn.Module):
         x = self._flat(u)  # [T, h]
         scores, rows, s_row, s_col = self._retrieve(x)  # [T, m, c], [T, m]
         rows = self.table_rows(rows)
-        xp = self.pre_proj(x)  # [T, Dp]
-        # a_s = <pre_value[s], W_pre x>; y = sum_s a_s * G_k(s) * value[s][slice k]
+        xp = self.pre_proj(x) if self.pre_proj is not None else None  # [T, Dp]
+        # a_s = <pre_value[s], W_pre x> (1 for plain values); y = sum_s a_s G_k(s) value[s][slice k]
         if self.table_source is not None:
             y = self.table_source.read(rows, scores, xp)  # [T, Dv]
         else:

@@ -200,10 +200,10 @@ def gather_dot(
     return _GatherDot.apply(table, rows, x, sparse_grad)
 
 
-def memory_read(values: Tensor, pre_values: Tensor, rows: Tensor, scores: Tensor, xp: Tensor,
-                *, sparse_grad: bool = False, impl: str = "auto") -> Tensor:
+def memory_read(values: Tensor, pre_values: Tensor | None, rows: Tensor, scores: Tensor,
+                xp: Tensor | None, *, sparse_grad: bool = False, impl: str = "auto") -> Tensor:
     """The memory layer's read: a = gather_dot(pre_values, rows, xp), then
-    weighted_lookup(values, rows, a * scores) -> [T, Dv].
+    weighted_lookup(values, rows, a * scores) -> [T, Dv]. pre_values None: plain values, a = 1.
 
     impl: "reference" (plain PyTorch), "fast" (embedding_bag), "triton" (fused kernels in
     `ultramem.ops.triton_lookup`), or "auto": triton for CUDA tables when triton is installed and
@@ -211,6 +211,9 @@ def memory_read(values: Tensor, pre_values: Tensor, rows: Tensor, scores: Tensor
     """
     if impl == "auto":
         impl = "triton" if values.is_cuda and not sparse_grad and _has_triton() else "fast"
+    if pre_values is None:  # plain values: the fused kernel needs pre-values, embedding_bag not
+        return weighted_lookup(values, rows, scores, sparse_grad=sparse_grad,
+                               impl="reference" if impl == "reference" else "fast")
     if impl == "triton":
         from ultramem.ops.triton_lookup import fused_memory_read
 

@@ -85,10 +85,10 @@ def _all_to_all(x: Tensor) -> Tensor:
 class ColumnShardedTables(nn.Module):
     """This rank's column slice of one layer's values and pre-values (a layer `table_source`)."""
 
-    def __init__(self, values: Tensor, pre_values: Tensor, n_cores: int, *, sparse_grad: bool,
-                 rank: int, world: int):
+    def __init__(self, values: Tensor, pre_values: Tensor | None, n_cores: int, *,
+                 sparse_grad: bool, rank: int, world: int):
         super().__init__()
-        dv, dp = values.shape[1], pre_values.shape[1]
+        dv, dp = values.shape[1], (0 if pre_values is None else pre_values.shape[1])
         if dv % world or dp % world:
             raise ValueError(f"column sharding: value_dim={dv} and pre_value_dim={dp} must be "
                              f"divisible by the world size {world}")
@@ -98,7 +98,8 @@ class ColumnShardedTables(nn.Module):
         self.rank, self.world, self.n_cores, self.sparse_grad = rank, world, n_cores, sparse_grad
         self.full_dims = (dv, dp)
         self.values = nn.Parameter(values.detach()[:, self._cols(dv)].clone())
-        self.pre_values = nn.Parameter(pre_values.detach()[:, self._cols(dp)].clone())
+        self.pre_values = (nn.Parameter(pre_values.detach()[:, self._cols(dp)].clone())
+                           if pre_values is not None else None)  # None: plain values
 
     def _cols(self, d: int) -> slice:
         w = d // self.world
@@ -112,14 +113,18 @@ class ColumnShardedTables(nn.Module):
         per = c // w
         return a.unsqueeze(-1) * scores[..., r * per : (r + 1) * per]  # [WT, m, c / W]
 
-    def read(self, rows: Tensor, scores: Tensor, xp: Tensor) -> Tensor:
-        """rows [T, m], scores [T, m, c], xp = W_pre x [T, Dp] -> y [T, Dv] (see module doc)."""
+    def read(self, rows: Tensor, scores: Tensor, xp: Tensor | None) -> Tensor:
+        """rows [T, m], scores [T, m, c], xp = W_pre x [T, Dp] -> y [T, Dv] (see module doc).
+        xp None: plain values, a = 1."""
         t = rows.shape[0]
         all_rows = _gather(rows)  # [WT, m]
         all_scores = _AllGather.apply(scores)  # [WT, m, c]
-        all_xp = _AllGather.apply(xp)[:, self._cols(self.full_dims[1])]  # [WT, Dp / W]
-        a_part = gather_dot(self.pre_values, all_rows, all_xp, sparse_grad=self.sparse_grad)
-        a = _AllReduceSum.apply(a_part)  # [WT, m]
+        if self.pre_values is None:
+            a = torch.ones(all_rows.shape, dtype=self.values.dtype, device=all_rows.device)
+        else:
+            all_xp = _AllGather.apply(xp)[:, self._cols(self.full_dims[1])]  # [WT, Dp / W]
+            a_part = gather_dot(self.pre_values, all_rows, all_xp, sparse_grad=self.sparse_grad)
+            a = _AllReduceSum.apply(a_part)  # [WT, m]
         weights = self._core_weights(a, all_scores.to(a.dtype))
         y_local = weighted_lookup(self.values, all_rows, weights,
                                   sparse_grad=self.sparse_grad)  # [WT, Dv / W]
@@ -129,7 +134,8 @@ class ColumnShardedTables(nn.Module):
     @torch.no_grad()
     def full(self) -> tuple[Tensor, Tensor]:
         """The whole tables, gathered from every rank's columns (call on all ranks)."""
-        return gather_columns(self.values), gather_columns(self.pre_values)
+        pre = gather_columns(self.pre_values) if self.pre_values is not None else None
+        return gather_columns(self.values), pre
 
 
 def gather_columns(x: Tensor) -> Tensor:
