@@ -60,6 +60,40 @@ def test_study_reuses_finished_runs_and_checks_names(study_dirs, tmp_path):
         StudyConfig(ablations=("no_such_ablation",))
 
 
+def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path):
+    """--seeds 2 --seeded moe,ultramem_v2: the seed-0 runs are reused, the repeats train with
+    seed 1 on the same data, and the report judges UltraMemV2 vs MoE against their spread."""
+    _, work = study_dirs
+    out = tmp_path / "out"
+    assert main(["study", *CI, "--archs", "moe,ultramem_v2", "--ablations", "none", "--seeds",
+                 "2", "--seeded", "moe,ultramem_v2", "--out", str(out), "--work",
+                 str(work)]) == 0
+    data = json.loads((out / "tiny.json").read_text())
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == ["moe", "ultramem_v2", "moe@seed1", "ultramem_v2@seed1"]
+    assert runs["moe@seed1"]["settings"]["seed"] == 1
+    assert runs["moe@seed1"]["settings"]["data_seed"] == runs["moe"]["settings"]["seed"] == 0
+    assert (work / "tiny" / "ultramem_v2_seed1" / "eval.json").is_file()
+    # Another training seed gives another model (the losses differ), on the same eval examples.
+    assert runs["moe@seed1"]["final_loss"] != runs["moe"]["final_loss"]
+    md = (out / "tiny.md").read_text()
+    assert "## Seed spread" in md and "| moe | 2 |" in md
+    assert "Mean over seeds (UltraMemV2 2, MoE 2)" in md
+    with pytest.raises(ValueError, match="seeded"):
+        StudyConfig(archs=("moe",), ablations=(), seeded=("dense",))
+    with pytest.raises(ValueError, match="seeds"):
+        StudyConfig(seeds=0)
+
+
+def test_report_calls_a_winner_only_outside_the_seed_range():
+    from ultramem.eval.report import _compare
+
+    assert _compare([2.60, 2.62], [2.61, 2.65], lower=True) == "within seed noise"
+    assert _compare([2.60, 2.61], [2.63, 2.65], lower=True) == "UltraMemV2"
+    assert _compare([10.0, 12.0], [13.0, 15.0], lower=False) == "MoE"
+    assert _compare([2.60], [2.61], lower=True) == "UltraMemV2"  # one seed: the means decide
+
+
 def test_ablation_configs_change_one_thing():
     runs = run_configs(StudyConfig(family="small", archs=("ultramem_v2",)))
     base = runs["ultramem_v2"].memory

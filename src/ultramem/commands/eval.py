@@ -4,6 +4,7 @@ Examples:
   ultramem eval --checkpoint runs/x --tasks needle,kv_retrieval --out runs/x/eval
   ultramem study --family tiny --steps 300 --out docs/results
   ultramem study --family small --steps 400 --archs moe,ultramem_v2 --ablations none --threads 1
+  ultramem study --family small --steps 300 --seeds 2 --seeded moe,ultramem_v2
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="task size (default: the family's)")
     s.add_argument("--train-docs", type=int, default=None, help="training documents per task")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per run (repeats: seed+1 ..., same data and eval)")
+    s.add_argument("--seeded", default="all",
+                   help="comma list of the runs repeated over --seeds (e.g. moe,ultramem_v2), "
+                        "or all")
     s.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: more oversubscribe a shared machine)")
     s.set_defaults(func=run_study_cmd)
@@ -102,7 +108,9 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             family=args.family, steps=args.steps,
             archs=tuple(ARCHS if archs is None else archs),
             ablations=tuple(ABLATIONS if ablations is None else ablations),
-            out=args.out, work=args.work, seed=args.seed, batch_size=args.batch_size,
+            out=args.out, work=args.work, seed=args.seed, seeds=args.seeds,
+            seeded=None if args.seeded == "all" else tuple(_names(args.seeded) or ()),
+            batch_size=args.batch_size,
             seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
             command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]

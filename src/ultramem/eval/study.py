@@ -7,6 +7,10 @@ data, steps and seed, then evaluated on held-out text and every task; plus Ultra
 and keeps each run (checkpoint, metrics, eval.json) under `work/<family>/<name>/`; a run whose
 eval.json matches the study settings is reused, so an interrupted study continues.
 
+Seeds: `seeds=k` repeats the runs named in `seeded` (None: every run) with training seeds
+seed+1 .. seed+k-1, as runs `<name>@seed<s>`. The data mix and the evaluation examples stay those
+of `seed`, so the spread between repeats is the training run's own noise (init and batch order).
+
 Data: one mix for the family, a seeded shuffle of documents: standard-library docstrings (the
 held-out modules excluded), training documents of every task generator, and the fact-world text
 (copies so it is ~15% of the mix). 'tiny' uses byte tokens (vocabulary 256, as its presets); 'small'
@@ -59,6 +63,8 @@ class StudyConfig:
     out: str = "docs/results"
     work: str = "runs/study"
     seed: int = 0
+    seeds: int = 1  # training seeds per run in `seeded` (see the module doc)
+    seeded: tuple[str, ...] | None = None  # run names repeated over seeds; None: all
     batch_size: int = 16
     seq_len: int | None = None  # None: the family's max_seq_len
     lr: float = 3e-3
@@ -82,6 +88,13 @@ class StudyConfig:
             raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.seeded is not None:
+            known = list(self.archs) + [f"ultramem_v2+{a}" for a in self.ablations]
+            bad = [n for n in self.seeded if n not in known]
+            if bad:
+                raise ValueError(f"seeded: {bad} are not runs of this study; runs: {known}")
 
     @property
     def size(self) -> str:
@@ -103,6 +116,26 @@ def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
             change = {"layers": tuple(range(1, base.n_layers, 2))}
         runs[f"ultramem_v2+{name}"] = base.replace(memory=change)
     return runs
+
+
+def run_plan(cfg: StudyConfig) -> list[tuple[str, ModelConfig, int]]:
+    """(name, model config, training seed) of every run, the repeats over seeds last."""
+    runs = run_configs(cfg)
+    plan = [(name, model_cfg, cfg.seed) for name, model_cfg in runs.items()]
+    for k in range(1, cfg.seeds):
+        plan += [(f"{name}@seed{cfg.seed + k}", model_cfg, cfg.seed + k)
+                 for name, model_cfg in runs.items() if cfg.seeded is None or name in cfg.seeded]
+    return plan
+
+
+def base_name(name: str) -> str:
+    """The run a seed repeat belongs to: 'moe@seed1' -> 'moe'."""
+    return name.split("@", 1)[0]
+
+
+def run_dir(work: Path, name: str) -> Path:
+    """The run directory of a study run ('ultramem_v2+fixed_init@seed1' -> ..._fixed_init_seed1)."""
+    return work / name.replace("+", "_").replace("@", "_")
 
 
 # ------------------------------------------------------------------------------ data
@@ -140,15 +173,23 @@ def build_data(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ runs
 
 
-def _settings(cfg: StudyConfig) -> dict[str, Any]:
+def _settings(cfg: StudyConfig, seed: int | None = None) -> dict[str, Any]:
     keep = ("family", "steps", "seed", "batch_size", "seq_len", "lr", "n_examples",
             "text_chars", "task_size", "train_docs")
-    return {k: getattr(cfg, k) for k in keep}
+    out = {k: getattr(cfg, k) for k in keep}
+    if seed is not None and seed != cfg.seed:  # a repeat: its training seed, the data's seed
+        out.update(seed=seed, data_seed=cfg.seed)
+    return out
 
 
 def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir: Path,
-                   run_dir: Path, log=print) -> dict[str, Any]:
-    """Train one run (or reuse a finished one) and evaluate it; returns its row."""
+                   run_dir: Path, log=print, seed: int | None = None) -> dict[str, Any]:
+    """Train one run (or reuse a finished one) and evaluate it; returns its row.
+
+    seed: the training seed (None: cfg.seed); data and evaluation examples always use cfg.seed.
+    """
+    seed = cfg.seed if seed is None else seed
+    settings = _settings(cfg, seed)
     from ultramem.eval.run import evaluate_checkpoint
     from ultramem.train.config import TrainConfig
     from ultramem.train.trainer import Trainer
@@ -156,7 +197,7 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     done = run_dir / "eval.json"
     if done.is_file():
         row = json.loads(done.read_text())
-        if row.get("settings") == _settings(cfg):
+        if row.get("settings") == settings:
             log(f"[study] {name}: reusing {done}")
             return row
     seq_len = cfg.seq_len or model_cfg.max_seq_len
@@ -164,7 +205,7 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
         steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
         warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
         eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)), ckpt_every=0, keep_last=1,
-        seed=cfg.seed, tensorboard=False, plot=False,
+        seed=seed, tensorboard=False, plot=False,
     )
     if run_dir.exists():  # a stale or interrupted run: start it over
         import shutil
@@ -180,7 +221,7 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
         f"({train_s / cfg.steps:.2f} s/step), loss {summary['final_loss']:.3f}")
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text_chars=cfg.text_chars)
-    row = {"name": name, "settings": _settings(cfg),
+    row = {"name": name, "settings": settings,
            "train_seconds": train_s, "seconds_per_step": train_s / cfg.steps,
            "final_loss": summary["final_loss"], "val_loss": summary["eval_loss"], **result}
     done.write_text(json.dumps(row, indent=2))
@@ -214,11 +255,12 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
         f"({meta['tokenizer']['kind']}) in {data_dir}")
     rows = []
-    for name, model_cfg in run_configs(cfg).items():
-        rows.append(train_and_eval(cfg, name, model_cfg, data_dir, work / name.replace("+", "_"),
-                                   log))
+    for name, model_cfg, seed in run_plan(cfg):
+        rows.append(train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name), log,
+                                   seed=seed))
     study = {"config": {**asdict(cfg), "archs": list(cfg.archs),
-                        "ablations": list(cfg.ablations)},
+                        "ablations": list(cfg.ablations),
+                        "seeded": None if cfg.seeded is None else list(cfg.seeded)},
              "commit": git_commit(), "python": sys.version.split()[0],
              "torch": torch.__version__, "threads": torch.get_num_threads(),
              "wall_seconds": time.perf_counter() - t0, "data": {
@@ -233,5 +275,5 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     return study
 
 
-__all__ = ["ABLATIONS", "PAPER_TABLE2", "StudyConfig", "run_configs", "run_study", "TASKS",
-           "LONG_CONTEXT"]
+__all__ = ["ABLATIONS", "PAPER_TABLE2", "StudyConfig", "base_name", "run_configs", "run_dir",
+           "run_plan", "run_study", "TASKS", "LONG_CONTEXT"]
