@@ -137,8 +137,13 @@ def test_two_ranks_match_one_process(tmp_path, torchrun_result, parallel, update
                      tmp_path, out / "data", show_progress=False)
     loss, grads = first_step_grads(single)
     assert result[f"loss_{parallel}_{update}"] == pytest.approx(loss, rel=1e-6)
+    _assert_ranks_match(out, f"grads_{parallel}_{update}", grads)
+
+
+def _assert_ranks_match(out: Path, prefix: str, grads: dict[str, torch.Tensor]) -> None:
+    """Each rank's saved full gradients equal the single process's."""
     for rank in (0, 1):
-        got = torch.load(out / f"grads_{parallel}_{update}_rank{rank}.pt", weights_only=True)
+        got = torch.load(out / f"{prefix}_rank{rank}.pt", weights_only=True)
         assert got.keys() == grads.keys()
         for name in grads:
             torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7,
@@ -154,12 +159,7 @@ def test_plain_values_sharded_match_one_process(tmp_path, torchrun_result):
     loss, grads = first_step_grads(single)
     assert not any("pre_value" in name for name in grads)
     assert result["loss_plain"] == pytest.approx(loss, rel=1e-6)
-    for rank in (0, 1):
-        got = torch.load(out / f"grads_plain_rank{rank}.pt", weights_only=True)
-        assert got.keys() == grads.keys()
-        for name in grads:
-            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7,
-                                       msg=f"rank {rank} {name}")
+    _assert_ranks_match(out, "grads_plain", grads)
 
 
 @pytest.mark.parametrize("parallel", PARALLEL)
