@@ -92,7 +92,7 @@ def test_report_calls_a_winner_only_outside_the_seed_range():
     assert _compare([2.60, 2.61], [2.63, 2.65], lower=True) == "UltraMemV2"
     assert _compare([10.0, 12.0], [13.0, 15.0], lower=False) == "MoE"
     assert _compare([2.60], [2.61], lower=True) == "UltraMemV2"  # one seed: the means decide
-    assert _compare([0.0, 0.0], [0.0, 0.0], lower=False) == "tie"
+    assert _compare([0.0, 0.0, 0.0], [0.0, 0.0], lower=False) == "tie"
 
 
 def test_ablation_configs_change_one_thing():

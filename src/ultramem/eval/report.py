@@ -53,7 +53,7 @@ def _fmt(vals: list[float], digits: int) -> str:
 
 def _compare(u: list[float], m: list[float], lower: bool) -> str:
     """The better of the two means; with repeats of both, only when the seed ranges are apart."""
-    if u == m:
+    if min(u) == max(u) == min(m) == max(m):
         return "tie"
     if len(u) > 1 and len(m) > 1 and min(u) <= max(m) and min(m) <= max(u):
         return "within seed noise"
