@@ -118,3 +118,55 @@ def test_eval_command_on_a_study_checkpoint(study_dirs, tmp_path, capsys):
     assert result["tasks"]["needle"]["n"] == 3 and result["tasks"]["kv_retrieval"]["n"] == 6
     assert "held-out bits per byte" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(study_dirs, tmp_path, monkeypatch):
+    """A study killed mid-run continues from the run's last checkpoint, and the resumed run ends
+    exactly where an uninterrupted one does (same final loss, same metrics log)."""
+    from ultramem.train.metrics import read_metrics
+    from ultramem.train.trainer import Trainer
+
+    _, work = study_dirs
+
+    def cfg(work_dir):
+        return StudyConfig(family="tiny", steps=4, archs=("ultramem_v2",), ablations=(),
+                           out=str(tmp_path / "out"), work=str(work_dir), batch_size=2,
+                           seq_len=48, n_examples=2, text_chars=600, task_size="ci",
+                           train_docs=8, threads=1)
+
+    # Both work dirs share the study's data (prepared once, identical for the same settings).
+    for w in ("whole", "killed"):
+        (tmp_path / w / "tiny").mkdir(parents=True)
+        (tmp_path / w / "tiny" / "data").symlink_to(work / "tiny" / "data")
+    whole = run_study(cfg(tmp_path / "whole"), log=lambda _: None)["runs"][0]
+
+    real_step = Trainer.train_step
+
+    def dies_at_step_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg(tmp_path / "killed"), log=lambda _: None)
+    run_dir = tmp_path / "killed" / "tiny" / "ultramem_v2"
+    assert not (run_dir / "eval.json").exists() and (run_dir / "study.json").is_file()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    logs: list[str] = []
+    resumed = run_study(cfg(tmp_path / "killed"), log=logs.append)["runs"][0]
+    assert any("ultramem_v2: resuming from step 3" in line for line in logs)
+    assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] == 0
+    assert resumed["final_loss"] == whole["final_loss"]
+    assert resumed["val_loss"] == whole["val_loss"]
+    losses = [[r["loss"] for r in read_metrics(d / "tiny" / "ultramem_v2")]
+              for d in (tmp_path / "whole", tmp_path / "killed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    # Other settings: the killed run's checkpoint is not reused, the run starts over.
+    (run_dir / "eval.json").unlink()
+    logs.clear()
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(dataclasses.replace(cfg(tmp_path / "killed"), lr=1e-3), log=logs.append)
+    assert not any("resuming" in line for line in logs)
+    assert len(read_metrics(run_dir)) == 3  # steps 1..3 of the new run, none of the old

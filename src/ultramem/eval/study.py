@@ -5,7 +5,9 @@ data, steps and seed, then evaluated on held-out text and every task; plus Ultra
   <family>.md, <family>.json    tables per metric, the exact command, commit, wall time
   <family>_loss.png, <family>_tasks.png   loss curves, per-task accuracy bars
 and keeps each run (checkpoint, metrics, eval.json) under `work/<family>/<name>/`; a run whose
-eval.json matches the study settings is reused, so an interrupted study continues.
+eval.json matches the study settings is reused, and a run killed part way (its study.json matches
+the settings) resumes from its last checkpoint (every quarter of the steps), so an interrupted
+study continues where it stopped.
 
 Seeds: `seeds=k` repeats the runs named in `seeded` (None: every run) with training seeds
 seed+1 .. seed+k-1, as runs `<name>@seed<s>`. The data mix and the evaluation examples stay those
@@ -191,7 +193,9 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     seed = cfg.seed if seed is None else seed
     settings = _settings(cfg, seed)
     from ultramem.eval.run import evaluate_checkpoint
+    from ultramem.train import checkpoint as ckpt
     from ultramem.train.config import TrainConfig
+    from ultramem.train.metrics import read_metrics
     from ultramem.train.trainer import Trainer
 
     done = run_dir / "eval.json"
@@ -204,26 +208,42 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     train_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
         warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
-        eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)), ckpt_every=0, keep_last=1,
-        seed=seed, tensorboard=False, plot=False,
+        eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)),
+        ckpt_every=max(cfg.steps // 4, 1), keep_last=1, seed=seed, tensorboard=False, plot=False,
     )
-    if run_dir.exists():  # a stale or interrupted run: start it over
+    marker = run_dir / "study.json"
+    resume = (marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
+              and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None)
+    if run_dir.exists() and not resume:  # a stale run, or one killed before its first checkpoint
         import shutil
 
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"name": name, "settings": settings}, indent=2))
     t0 = time.perf_counter()
-    trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, show_progress=False,
+    trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, show_progress=False, resume=resume,
                       extra_config={"preset": f"{cfg.family}/{name}"})
-    summary = trainer.fit()
+    start = trainer.start_step
+    if resume:
+        log(f"[study] {name}: resuming from step {start}")
+    trainer.fit()
     train_s = time.perf_counter() - t0
     del trainer
-    log(f"[study] {name}: {cfg.steps} steps in {train_s:.0f}s "
-        f"({train_s / cfg.steps:.2f} s/step), loss {summary['final_loss']:.3f}")
+    # Losses from the log, which a resumed run continues exactly (a run resumed at its last step
+    # trains no step in this process, so its summary alone would have none).
+    logged = read_metrics(run_dir)
+    final_loss = next((r["loss"] for r in reversed(logged)
+                       if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])),
+                      float("nan"))
+    val_loss = next((r["eval_loss"] for r in reversed(logged) if "eval_loss" in r), None)
+    per_step = train_s / max(cfg.steps - start, 1)  # timed over the steps this process ran
+    log(f"[study] {name}: steps {start}..{cfg.steps} in {train_s:.0f}s "
+        f"({per_step:.2f} s/step), loss {final_loss:.3f}")
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text_chars=cfg.text_chars)
-    row = {"name": name, "settings": settings,
-           "train_seconds": train_s, "seconds_per_step": train_s / cfg.steps,
-           "final_loss": summary["final_loss"], "val_loss": summary["eval_loss"], **result}
+    row = {"name": name, "settings": settings, "train_seconds": train_s,
+           "seconds_per_step": per_step, "resumed_from_step": start,
+           "final_loss": final_loss, "val_loss": val_loss, **result}
     done.write_text(json.dumps(row, indent=2))
     log(f"[study] {name}: held-out bpb {result['text']['bits_per_byte']:.3f}, eval "
         f"{result['seconds']:.0f}s")
