@@ -33,7 +33,8 @@ def test_tiny_study_runs_end_to_end(study_dirs):
     for name in names:
         assert f"| {name} |" in md
     for section in ("## Loss", "## Task accuracy", "## Parametric memory", "## UltraMemV2 vs MoE",
-                    "## Ablations of UltraMemV2", "ultramem study --family tiny --steps 2"):
+                    "## Ablations of UltraMemV2", "ultramem study --family tiny --steps 2",
+                    "the runs' own training and evaluation:"):
         assert section in md
     assert data["commit"] and data["wall_seconds"] > 0
     assert (out / "tiny_loss.png").stat().st_size > 0 and (out / "tiny_tasks.png").stat().st_size

@@ -74,14 +74,17 @@ def markdown(study: dict[str, Any]) -> str:
                   f"batch order); data and evaluation examples are those of seed {cfg['seed']}. "
                   "Their spread is the run-to-run noise the comparisons are judged against.", ""]
     lines += ["```", study["config"].get("command") or "ultramem study", "```", ""]
+    run_hours = sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in runs) / 3600
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
               f"{study['threads']} CPU thread(s)",
               f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq_len "
               f"{cfg['seq_len'] or 'max_seq_len'}, lr {cfg['lr']}, seed {cfg['seed']}; data: "
               f"{study['data']['train_tokens']:,} train tokens ({study['data']['tokenizer']}, "
               f"vocabulary {study['data']['vocab_size']})",
-              f"- wall time {study['wall_seconds'] / 60:.1f} min; task examples per task: "
-              f"{cfg['n_examples']} (task size `{cfg['task_size'] or cfg['family']}`)", ""]
+              f"- wall time {study['wall_seconds'] / 60:.1f} min for this command; the runs' own "
+              f"training and evaluation: {run_hours:.1f} h (a run with a matching eval.json is "
+              f"reused, not retrained); task examples per task: {cfg['n_examples']} (task size "
+              f"`{cfg['task_size'] or cfg['family']}`)", ""]
 
     lines += ["## Loss", "", "Held-out text: standard-library docstrings of modules never trained "
               "on (`ultramem.tasks.text`). Validation: the 5% of the training mix held out.", ""]
@@ -221,38 +224,54 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from ultramem.eval.study import run_dir
+    from ultramem.eval.study import base_name, run_dir
     from ultramem.train.metrics import read_metrics
 
     family = study["config"]["family"]
     runs = study["runs"]
+    # One colour per run, shared by its seed repeats (dotted lines, hatched bars).
+    bases = list(dict.fromkeys(base_name(r["name"]) for r in runs))
+    cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+    color = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     loss_png, task_png = out / f"{family}_loss.png", out / f"{family}_tasks.png"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Left: the loss of each logged training batch; right: the held-out validation loss.
+    fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
-        rows = [m for m in read_metrics(run_dir(work, r["name"]))
-                if "loss" in m and not m.get("skipped")]
+        logged = read_metrics(run_dir(work, r["name"]))
+        style = {"color": color[base_name(r["name"])],
+                 "linestyle": ":" if "@" in r["name"] else "--" if "+" in r["name"] else "-"}
+        rows = [m for m in logged if "loss" in m and not m.get("skipped")]
         if rows:
             ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label=r["name"],
-                    linestyle=":" if "@" in r["name"] else "--" if "+" in r["name"] else "-")
+                    **style)
+        val = [m for m in logged if "eval_loss" in m]
+        if val:
+            ax_val.plot([m["step"] for m in val], [m["eval_loss"] for m in val], marker=".",
+                        label=r["name"], **style)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
     ax.set_title(f"{family} family: training loss")
-    ax.legend(fontsize=7)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("validation loss (nats/token)")
+    ax_val.set_title("validation loss")
+    ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(loss_png, dpi=110)
     plt.close(fig)
 
     tasks = [t for t in TASKS if all(t in r["tasks"] for r in runs)]
-    fig, ax = plt.subplots(figsize=(max(7, len(tasks) * 1.2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, len(tasks) * 1.5), 4.5))
     width = 0.8 / max(len(runs), 1)
     for i, r in enumerate(runs):
         xs = [j + i * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * r["tasks"][t]["accuracy"] for t in tasks], width, label=r["name"])
+        ax.bar(xs, [100 * r["tasks"][t]["accuracy"] for t in tasks], width, label=r["name"],
+               color=color[base_name(r["name"])], hatch="///" if "@" in r["name"] else None,
+               edgecolor="white" if "@" in r["name"] else None, linewidth=0)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20,
                   fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{family} family: task accuracy")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(task_png, dpi=110)
     plt.close(fig)
