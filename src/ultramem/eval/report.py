@@ -23,6 +23,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def _long_context_accuracy(run: dict[str, Any], tasks: list[str]) -> float:
+    """Mean accuracy over the seven long-context categories among tasks (the "mean of 7")."""
+    lc = [t for t in tasks if t in LONG_CONTEXT]
+    return sum(run["tasks"][t]["accuracy"] for t in lc) / max(1, len(lc))
+
+
 def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """base run name -> its rows over training seeds (the first is the study's seed)."""
     from ultramem.eval.study import base_name
@@ -102,8 +108,7 @@ def markdown(study: dict[str, Any]) -> str:
               "`ultramem.eval.task_eval`). The fact world asks each fact in a phrasing held out "
               "for it.", ""]
     rows = [[r["name"]] + [_pct(r["tasks"][t]["accuracy"]) for t in tasks]
-            + [_pct(sum(r["tasks"][t]["accuracy"] for t in tasks if t in LONG_CONTEXT)
-                    / max(1, len([t for t in tasks if t in LONG_CONTEXT])))]
+            + [_pct(_long_context_accuracy(r, tasks))]
             for r in runs]
     lines += _table(["run"] + tasks + ["mean of 7"], rows)
 
@@ -137,8 +142,7 @@ def markdown(study: dict[str, Any]) -> str:
         rows = []
         for name, rs in spread.items():
             bpb = [r["text"]["bits_per_byte"] for r in rs]
-            acc = [100 * sum(r["tasks"][t]["accuracy"] for t in tasks if t in LONG_CONTEXT)
-                   / max(1, len([t for t in tasks if t in LONG_CONTEXT])) for r in rs]
+            acc = [100 * _long_context_accuracy(r, tasks) for r in rs]
             facts = [str(r["tasks"]["facts"]["recalled"]) for r in rs if "facts" in r["tasks"]]
             rows.append([name, str(len(rs)), " / ".join(f"{b:.3f}" for b in bpb),
                          f"{max(bpb) - min(bpb):.3f}", " / ".join(f"{a:.1f}" for a in acc),

@@ -105,13 +105,15 @@ class ColumnShardedTables(nn.Module):
         w = d // self.world
         return slice(self.rank * w, (self.rank + 1) * w)
 
-    def _core_weights(self, a: Tensor, scores: Tensor) -> Tensor:
-        """Weights of the cores whose Dv slices this rank's columns belong to."""
+    def _core_weights(self, a: Tensor | None, scores: Tensor) -> Tensor:
+        """Weights of the cores whose Dv slices this rank's columns belong to (a None: a = 1)."""
         c, w, r = self.n_cores, self.world, self.rank
         if w >= c:
-            return a * scores[..., r // (w // c)]  # [WT, m]
+            g = scores[..., r // (w // c)]  # [WT, m]
+            return g if a is None else a * g
         per = c // w
-        return a.unsqueeze(-1) * scores[..., r * per : (r + 1) * per]  # [WT, m, c / W]
+        g = scores[..., r * per : (r + 1) * per]  # [WT, m, c / W]
+        return g if a is None else a.unsqueeze(-1) * g
 
     def read(self, rows: Tensor, scores: Tensor, xp: Tensor | None) -> Tensor:
         """rows [T, m], scores [T, m, c], xp = W_pre x [T, Dp] -> y [T, Dv] (see module doc).
@@ -119,13 +121,13 @@ class ColumnShardedTables(nn.Module):
         t = rows.shape[0]
         all_rows = _gather(rows)  # [WT, m]
         all_scores = _AllGather.apply(scores)  # [WT, m, c]
-        if self.pre_values is None:
-            a = torch.ones(all_rows.shape, dtype=self.values.dtype, device=all_rows.device)
-        else:
+        a = None  # plain values: the scores alone weight the rows
+        if self.pre_values is not None:
             all_xp = _AllGather.apply(xp)[:, self._cols(self.full_dims[1])]  # [WT, Dp / W]
             a_part = gather_dot(self.pre_values, all_rows, all_xp, sparse_grad=self.sparse_grad)
             a = _AllReduceSum.apply(a_part)  # [WT, m]
-        weights = self._core_weights(a, all_scores.to(a.dtype))
+        dtype = self.values.dtype if a is None else a.dtype
+        weights = self._core_weights(a, all_scores.to(dtype))
         y_local = weighted_lookup(self.values, all_rows, weights,
                                   sparse_grad=self.sparse_grad)  # [WT, Dv / W]
         y_mine = _AllToAll.apply(y_local)  # [W * T, Dv / W]: rank q's slice of my tokens
