@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ultramem.precision import float32_region
+
 
 def rms_norm(x: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim with an affine gain."""
@@ -78,17 +80,23 @@ class TuckerProductKeys(nn.Module):
     # -- scores ---------------------------------------------------------------------------
 
     def row_col_scores(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """queries [T, 2, r, Dk] (row, col) -> S_row, S_col, each [T, r, n] in float32."""
-        q = rms_norm(queries, self.query_gain)  # [T, 2, r, Dk]
-        k = self.normed_keys().to(q.dtype)  # [2, r, n, Dk]
-        # one batched matmul for rows and columns: [2, r, T, Dk] @ [2, r, Dk, n]
-        s = torch.matmul(q.permute(1, 2, 0, 3), k.transpose(-1, -2)).float()  # [2, r, T, n]
+        """queries [T, 2, r, Dk] (row, col) -> S_row, S_col, each [T, r, n] in float32.
+
+        Always float32, also under bf16 autocast or with bf16 weights: these scores decide which
+        rows are read, and bf16's 8-bit mantissa would turn close scores into ties.
+        """
+        with float32_region(queries.device.type):
+            q = rms_norm(queries.float(), self.query_gain)  # [T, 2, r, Dk]
+            k = self.normed_keys().float()  # [2, r, n, Dk]
+            # one batched matmul for rows and columns: [2, r, T, Dk] @ [2, r, Dk, n]
+            s = torch.matmul(q.permute(1, 2, 0, 3), k.transpose(-1, -2))  # [2, r, T, n]
         return s[0].transpose(0, 1), s[1].transpose(0, 1)  # [T, r, n] each
 
     def grid_scores(self, s_row: Tensor, s_col: Tensor) -> Tensor:
         """Exact summed Tucker score of every cell: [T, n, n]."""
-        core_sum = self.cores.float().sum(0)  # [r, r]
-        return torch.einsum("tpi,pq,tqj->tij", s_row, core_sum, s_col)
+        with float32_region(s_row.device.type):
+            core_sum = self.cores.float().sum(0)  # [r, r]
+            return torch.einsum("tpi,pq,tqj->tij", s_row.float(), core_sum, s_col.float())
 
     def select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int) -> tuple[Tensor, Tensor]:
         """Pre-select kr rows and columns, score kr^2 cells exactly, keep the top m.
@@ -96,24 +104,44 @@ class TuckerProductKeys(nn.Module):
         Returns per-core scores [T, m, c] (sorted by their sum, descending) and grid cells
         [T, m] as i * n + j.
         """
+        with float32_region(s_row.device.type):  # scoring and top-m stay float32 (no ties)
+            return self._select(s_row.float(), s_col.float(), top_m, kr)
+
+    def _select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int) -> tuple[Tensor, Tensor]:
         t, r, n = s_row.shape
-        c = self.n_cores
+        cores = self.cores.float()  # [c, r, r]
         u, v = self.directions()
+        # Choosing cells needs no gradient: rank the kr x kr candidates by their summed score.
         with torch.no_grad():
             row_idx = torch.matmul(u, s_row).topk(kr, dim=-1).indices  # [T, n] -> [T, kr]
             col_idx = torch.matmul(v, s_col).topk(kr, dim=-1).indices  # [T, n] -> [T, kr]
-        s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-        s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-        # G_k(i, j) = S_row[:, i]^T C_k S_col[:, j] for the kr x kr candidates, every core
-        core_col = torch.matmul(self.cores.float(), s_col_k.unsqueeze(1))  # [T, c, r, kr]
-        cand = torch.matmul(s_row_k.transpose(1, 2).unsqueeze(1), core_col)  # [T, c, kr, kr]
-        cand = cand.reshape(t, c, kr * kr)
-        with torch.no_grad():
-            pos = cand.sum(1).topk(top_m, dim=-1).indices  # [T, m]
-        scores = cand.gather(2, pos.unsqueeze(1).expand(t, c, top_m)).transpose(1, 2)  # [T, m, c]
-        rows = row_idx.gather(1, torch.div(pos, kr, rounding_mode="floor"))  # [T, m]
-        cols = col_idx.gather(1, pos % kr)  # [T, m]
-        return scores, rows * n + cols
+            s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+            s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+            # G(i, j) = S_row[:, i]^T (sum_k C_k) S_col[:, j] for the candidates, as r outer
+            # products (a batched matmul with inner size r is several times slower on CPU)
+            core_col = torch.matmul(cores.sum(0), s_col_k)  # [T, r, kr]
+            cand = s_row_k[:, 0, :, None] * core_col[:, 0, None, :]  # [T, kr, kr]
+            for p in range(1, r):
+                cand.addcmul_(s_row_k[:, p, :, None], core_col[:, p, None, :])
+            pos = cand.view(t, kr * kr).topk(top_m, dim=-1).indices  # [T, m]
+            rows = row_idx.gather(1, torch.div(pos, kr, rounding_mode="floor"))  # [T, m]
+            cols = col_idx.gather(1, pos % kr)  # [T, m]
+        # Per-core scores of the m chosen cells, with gradients: G_k = S_row[:, i]^T C_k S_col[:, j]
+        return self.cell_scores(s_row, s_col, rows, cols), rows * n + cols
+
+    def cell_scores(self, s_row: Tensor, s_col: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Per-core Tucker scores G_k(i, j) of the cells (rows[t, s], cols[t, s]) -> [T, m, c].
+
+        Broadcast products over the tiny r x r cores instead of batched matmuls with inner size r,
+        which run far below the matmul units' speed.
+        """
+        t, r, _ = s_row.shape
+        m = rows.shape[1]
+        sr = s_row.gather(2, rows.unsqueeze(1).expand(t, r, m))  # [T, r, m]
+        sc = s_col.gather(2, cols.unsqueeze(1).expand(t, r, m))  # [T, r, m]
+        cores = self.cores.float()  # [c, r(p), r(q)]
+        core_col = (cores[None, :, :, :, None] * sc[:, None, None]).sum(3)  # [T, c, r, m]
+        return (sr.unsqueeze(1) * core_col).sum(2).transpose(1, 2)  # [T, m, c]
 
     # -- auxiliary losses (off by default) --------------------------------------------------
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ultramem.config import ConfigError, ModelConfig
+from ultramem.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 VALUE_LR_SCHEDULES = ("auto", "constant", "v1")
 VALUE_UPDATES = ("sparse", "dense")
 VALUE_OPTIMIZERS = ("adam", "adagrad")
-PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -40,6 +40,9 @@ class TrainConfig:
     (`value_optimizer`: `adam` or row-wise `adagrad`); `dense` puts them in AdamW.
     grad_clip clips all other gradients by global norm, value_grad_clip the tables' (0 = off).
     A non-finite loss or gradient skips the step; max_bad_steps in a row stop the run.
+    precision: `auto` (default: bf16 mixed precision where the device runs bf16 matmuls fast,
+    i.e. CUDA or a CPU with AVX-512 BF16 / AMX, else fp32), `bf16` or `fp32`; bf16 keeps float32
+    master weights and optimizer state and float32 retrieval (`ultramem.precision`).
     device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`. threads: CPU threads for
     torch (0 = torch's default; 1 avoids OpenMP stalls on a machine shared with other jobs).
     Under torchrun: parallel `ddp` or `fsdp` (FSDP2) for dense weights; shard_tables splits
@@ -67,7 +70,7 @@ class TrainConfig:
     value_optimizer: str = "adam"
     grad_clip: float = 1.0
     value_grad_clip: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10

@@ -13,7 +13,6 @@ writes metrics and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
 from ultramem.data.shards import BatchOrder, TokenShards, read_meta
 from ultramem.model import LM
@@ -124,6 +124,7 @@ class Trainer:
         self.device = self.dist.device(device)
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
+        self.precision = precision_mod.resolve_precision(train_cfg.precision, self.device)
         torch.manual_seed(train_cfg.seed)
         runtime_cfg = model_cfg
         if hasattr(model_cfg.memory, "sparse_grad"):
@@ -164,13 +165,12 @@ class Trainer:
     # -- pieces ---------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_mod.autocast(self.precision, self.device)
 
     def _config(self) -> dict[str, Any]:
         return {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(),
                 "tokenizer": self.tokenizer_spec, "data_dir": str(self.data_dir),
+                "precision": self.precision,
                 **self.extra_config}
 
     def save(self, step: int) -> Path | None:
@@ -297,7 +297,8 @@ class Trainer:
             if logger is not None:
                 logger.close()
         summary = {"steps": cfg.steps, "final_loss": last_loss, "eval_loss": eval_loss,
-                   "skipped_steps": self.skipped, "out": str(self.out)}
+                   "skipped_steps": self.skipped, "precision": self.precision,
+                   "out": str(self.out)}
         if self.rank0 and cfg.plot:
             png = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
             summary["plot"] = str(png) if png else None
