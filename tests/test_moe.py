@@ -54,18 +54,100 @@ def test_grouped_matches_per_token_loop(style, impl):
     assert gp["router.weight"].abs().sum() > 0  # the router learns through its weights
 
 
-def test_auto_picks_padded_for_even_loads_and_grouped_for_skewed():
-    layer = _layer()
-    assert layer.choose_impl([10, 11, 9, 12, 10, 10, 9, 11]) == "padded"
-    assert layer.choose_impl([60, 3, 2, 4, 3, 2, 2, 4]) == "grouped"
-    x = torch.randn(200, 16, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), layer.forward_reference(x))
-    with torch.no_grad():  # one hot expert: the auto path switches to grouped, still exact
+def _f32_layer(**kw) -> MoELayer:
+    # grouped_mm wants float32/bfloat16 rows of 16-byte multiples: d_model 16, expert_hidden 8.
+    return _layer(expert_hidden=8, **kw).float()
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "grouped", "padded"])
+@pytest.mark.parametrize("style", ["olmoe", "mixtral"])
+def test_float32_paths_match_per_token_loop(style, impl):
+    kw = {} if style == "olmoe" else {"top_k": 2, "renormalize": True}
+    layer = _f32_layer(**kw)
+    layer.impl = impl
+    x = torch.randn(3, 11, 16)
+    out, gx, gp = _grads(layer, x, layer)
+    ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-6)
+    for name in gp:
+        assert gp[name].abs().sum() > 0, name  # every parameter gets a gradient
+        torch.testing.assert_close(gp[name], rgp[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_auto_takes_grouped_mm_where_it_runs_else_the_loop():
+    layer = _f32_layer()
+    w6, w8, w12 = (torch.empty(8, 16, w) for w in (6, 8, 12))
+    assert layer.choose_impl(torch.empty(4, 16), w8) == "grouped_mm"
+    assert layer.choose_impl(torch.empty(4, 16, dtype=torch.bfloat16), w8) == "grouped_mm"
+    assert layer.choose_impl(torch.empty(4, 16), w12) == "grouped_mm"  # 48-byte rows
+    assert layer.choose_impl(torch.empty(4, 16), w6) == "grouped"  # 24-byte rows
+    assert layer.choose_impl(torch.empty(4, 16, dtype=torch.bfloat16), w12) == "grouped"
+    assert layer.choose_impl(torch.empty(4, 16, dtype=torch.float64), w8) == "grouped"
+    layer.impl = "padded"
+    assert layer.choose_impl(torch.empty(4, 16), w8) == "padded"
+    layer.impl = "nonsense"
+    with pytest.raises(ValueError, match="nonsense"):
+        layer(torch.randn(4, 16))
+
+
+def test_skewed_loads_and_plain_sum_loss_are_exact():
+    layer = _f32_layer()
+    x = torch.randn(200, 16)
+    with torch.no_grad():  # one hot expert: every path still equals the loop
         layer.router.weight[5] += 50 * x.mean(0) / x.mean(0).norm()
     _, _, experts = layer.route(x)
-    sizes = torch.bincount(experts.reshape(-1), minlength=8).tolist()
-    assert layer.choose_impl(sizes) == "grouped"
-    torch.testing.assert_close(layer(x), layer.forward_reference(x))
+    assert torch.bincount(experts.reshape(-1), minlength=8).max() >= 100  # mean 75
+    ref = layer.forward_reference(x)
+    for impl in ("auto", "grouped_mm", "grouped", "padded"):
+        layer.impl = impl
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6, msg=impl)
+    layer.impl = "auto"
+    layer(x).sum().backward()  # an expanded (stride 0) output gradient reaches grouped_mm
+    assert layer.gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["auto", "grouped", "padded"])
+def test_bf16_autocast_matches_float32_within_bf16_tolerance(impl):
+    layer = _f32_layer()
+    layer.impl = impl
+    x = torch.randn(2, 13, 16)
+    ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, gx, gp = _grads(layer, x, layer)
+        logits, _, _ = layer.route(x)
+    assert logits.dtype == torch.float32  # the router stays float32 under autocast
+    assert all(p.dtype == torch.float32 for p in gp.values())
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gx.float(), rgx, rtol=3e-2, atol=3e-2)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], rtol=5e-2, atol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_no_grad_matches_loop_also_with_bf16_weights(batch, dtype):
+    layer = _f32_layer()
+    x = torch.randn(batch, 16)
+    with torch.no_grad():
+        ref = layer.forward_reference(x)
+        layer.to(dtype)
+        for impl in ("auto", "grouped_mm", "grouped", "padded"):
+            layer.impl = impl
+            out = layer(x.to(dtype))
+            assert out.dtype == dtype and layer.pop_aux_loss() is None
+            tol = 1e-5 if dtype == torch.float32 else 4e-2
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol, msg=impl)
+
+
+def test_bf16_weights_with_odd_widths_take_the_loop():
+    layer = _layer().to(torch.bfloat16)  # expert_hidden 12: bf16 rows of 24 bytes
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        ref = layer.forward_reference(x)
+    assert layer.choose_impl(x, layer.gate) == "grouped"
+    torch.testing.assert_close(out, ref, rtol=4e-2, atol=4e-2)
 
 
 def test_one_expert_is_the_dense_ffn():

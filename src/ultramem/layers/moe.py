@@ -1,14 +1,20 @@
 """Mixture of SwiGLU experts (OLMoE style by default, Mixtral style as an option), dropless.
 
 Per token x [h]:
-  probs   = softmax(W_router x)                 -> [E], in float32
+  probs   = softmax(W_router x)                 -> [E], in float32 (also under autocast)
   top-k   = the k most probable experts         (weights renormalised only if `renormalize`)
   out     = sum_j w_j * down_e(silu(gate_e x) * up_e x)
-Tokens are grouped by expert (a stable sort of the T*k assignments); then either each active
-expert runs one matmul chain on its group, or, when loads are even enough that padding every
-group to the largest wastes little, all experts run as three batched matmuls. No Python loop
-over tokens, no capacity factor, no dropped tokens.
-`forward_reference` is the per-token loop the tests hold the grouped path to.
+Shapes: T tokens, h model width, E experts, w expert width, k experts per token, N = T*k.
+Tokens are grouped by expert (a stable sort of the N assignments), then the experts run behind
+one seam, `MoELayer.experts`, in one of three ways: "grouped_mm" (three `F.grouped_mm` calls over
+the groups, no host sync; CPU float32/bfloat16 with 16-byte aligned rows), "grouped" (one matmul
+chain per active expert) or "padded" (three batched matmuls over groups padded to the largest).
+"auto" takes "grouped_mm" where it runs, else "grouped" (e.g. expert_hidden 373 of 227m/moe);
+"padded" is at best even with them on CPU and many times slower once loads are skewed. Each
+top-k weight scales its hidden [w] before the down projection. Under autocast each expert weight
+is cast once per forward, not once per expert; routing stays float32, the combine sums in the
+input's dtype. No Python loop over tokens, no capacity factor, no dropped tokens.
+`forward_reference` is the per-token loop the tests hold every path to.
 Auxiliary losses (recorded only while gradients are enabled): load balancing
 E * sum_e f_e P_e (f_e: fraction of assignments, P_e: mean router probability) and router
 z-loss mean(logsumexp(logits)^2).
@@ -36,18 +42,18 @@ class MoELayer(nn.Module):
         self.up = nn.Parameter(torch.empty(e, d_model, w))
         self.down = nn.Parameter(torch.empty(e, w, d_model))
         self._aux_loss: Tensor | None = None
-        # "auto" picks per call: "padded" (batched matmuls over groups padded to the largest)
-        # when loads are even, else "grouped" (one matmul chain per active expert).
-        self.impl = "auto"
+        self.impl = "auto"  # one of IMPLS; "auto": `choose_impl` decides per call
 
     def _flat(self, u: Tensor) -> Tensor:
         return flatten_tokens(self, u)
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router logits [T, E] (float32 or wider), top-k weights [T, k] and expert ids [T, k]."""
+        """Router logits [T, E] (float32 or wider, also under autocast or with bf16 weights),
+        top-k weights [T, k] and expert ids [T, k]."""
         x = self._flat(u)
-        logits = self.router(x)  # [T, E], at least float32
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        dt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dt), self.router.weight.to(dt))  # [T, E]
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.cfg.top_k, dim=-1)  # [T, k]
         if self.cfg.renormalize:
@@ -63,21 +69,14 @@ class MoELayer(nn.Module):
         x = self._flat(u)  # [T, h]
         logits, weights, experts = self.route(x)
         k, e = self.cfg.top_k, self.cfg.n_experts
-        flat = experts.reshape(-1)  # [T*k]
+        flat = experts.reshape(-1)  # [N]
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = torch.div(order, k, rounding_mode="floor")  # token of each sorted assignment
         counts = torch.bincount(flat, minlength=e)  # [E]
-        sizes = counts.tolist()  # the one host sync: group sizes decide the matmul shapes
-        impl = self.choose_impl(sizes)
-        xs = x[token]  # [T*k, h]
-        if impl == "padded":
-            y = self._experts_padded(xs, flat[order], counts, max(sizes))
-        elif impl == "grouped":
-            outs = [self.expert(i, g) for i, g in enumerate(xs.split(sizes)) if g.shape[0] > 0]
-            y = torch.cat(outs)  # [T*k, h]
-        else:
-            raise ValueError(f"MoELayer.impl must be auto, grouped or padded, got {impl!r}")
-        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # [T*k, h]
+        dt = compute_dtype(x.device.type, self.gate.dtype)
+        xs = x.index_select(0, token).to(dt)  # [N, h]; its gradient sums in x's dtype
+        scale = weights.reshape(-1)[order].to(dt)  # [N], the top-k weight of each assignment
+        y = self.experts(xs, scale, flat[order], counts)  # [N, h]
         out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # [T, h]
         if torch.is_grad_enabled():
             self._aux_loss = self._auxiliary(logits, counts)
@@ -85,21 +84,28 @@ class MoELayer(nn.Module):
             self._aux_loss = None
         return out.view(*lead, self.d_model)
 
-    def choose_impl(self, sizes: list[int]) -> str:
-        """The expert path for these group sizes: `impl`, or under "auto" "padded" when padding
-        every group to the largest adds at most half again the work, else "grouped"."""
+    def experts(self, xs: Tensor, scale: Tensor, expert: Tensor, counts: Tensor) -> Tensor:
+        """The seam: assignments xs [N, h] sorted by expert (ids `expert` [N], group sizes
+        `counts` [E]) -> scale * expert(xs), [N, h] in xs's dtype. The scale multiplies the
+        hidden [N, w] (w < h: cheaper than the output). Each weight is cast to xs's dtype once
+        here; autocast is off inside, so no op casts again."""
+        gate, up, down = (p.to(xs.dtype) for p in (self.gate, self.up, self.down))
+        impl = self.choose_impl(xs, gate)
+        with torch.autocast(xs.device.type, enabled=False):
+            if impl == "grouped_mm":
+                return experts_grouped_mm(xs, scale, gate, up, down, counts)
+            if impl == "grouped":
+                return experts_loop(xs, scale, gate, up, down, counts.tolist())
+            if impl == "padded":
+                return experts_padded(xs, scale, gate, up, down, expert, counts)
+        raise ValueError(f"MoELayer.impl must be one of {IMPLS}, got {impl!r}")
+
+    def choose_impl(self, xs: Tensor, gate: Tensor) -> str:
+        """`impl`, or under "auto" "grouped_mm" where `F.grouped_mm` takes these tensors, else
+        "grouped"."""
         if self.impl != "auto":
             return self.impl
-        return "padded" if len(sizes) * max(sizes) <= 1.5 * sum(sizes) else "grouped"
-
-    def _experts_padded(self, xs: Tensor, expert: Tensor, counts: Tensor, cap: int) -> Tensor:
-        """All experts in three batched matmuls over groups padded to the largest, [T*k, h]."""
-        offsets = torch.cumsum(counts, 0) - counts  # [E]
-        slot = torch.arange(xs.shape[0], device=xs.device) - offsets[expert]  # place in group
-        buf = xs.new_zeros(self.cfg.n_experts, cap, self.d_model)
-        buf = buf.index_put((expert, slot), xs)  # [E, C, h]
-        hidden = F.silu(torch.bmm(buf, self.gate)) * torch.bmm(buf, self.up)  # [E, C, w]
-        return torch.bmm(hidden, self.down)[expert, slot]  # [T*k, h]
+        return "grouped_mm" if grouped_mm_supported(xs, gate) else "grouped"
 
     def forward_reference(self, u: Tensor) -> Tensor:
         """The per-token loop: slow, obviously right; tests only."""
@@ -139,3 +145,54 @@ class MoELayer(nn.Module):
         c = self.cfg
         return (f"experts={c.n_experts}, top_k={c.top_k}, hidden={c.expert_hidden}, "
                 f"renormalize={c.renormalize}")
+
+
+IMPLS = ("auto", "grouped_mm", "grouped", "padded")
+
+
+def compute_dtype(device_type: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param_dtype
+
+
+def grouped_mm_supported(xs: Tensor, gate: Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands: CPU, float32 or bfloat16, and rows of h and
+    of w elements (tokens, weights, hidden activations) each a multiple of 16 bytes."""
+    size = xs.element_size()
+    return (hasattr(F, "grouped_mm") and xs.device.type == "cpu"
+            and xs.dtype in (torch.float32, torch.bfloat16)
+            and (xs.shape[-1] * size) % 16 == 0 and (gate.shape[-1] * size) % 16 == 0)
+
+
+def experts_grouped_mm(xs: Tensor, scale: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                       counts: Tensor) -> Tensor:
+    """All experts in three grouped matmuls over the sorted groups, [N, h]; no host sync."""
+    ends = torch.cumsum(counts, 0).to(torch.int32)  # [E], cumulative group ends
+    hidden = F.silu(F.grouped_mm(xs, gate, offs=ends)) * F.grouped_mm(xs, up, offs=ends)  # [N, w]
+    return F.grouped_mm(hidden * scale.unsqueeze(-1), down, offs=ends)  # [N, h]
+
+
+def experts_loop(xs: Tensor, scale: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                 sizes: list[int]) -> Tensor:
+    """One matmul chain per active expert, [N, h]. The weights are unbound once, so the backward
+    stacks the expert gradients once instead of adding a full-size zero tensor per expert."""
+    gs, us, ds = gate.unbind(0), up.unbind(0), down.unbind(0)
+    outs = [(F.silu(g @ gs[i]) * (g @ us[i]) * s.unsqueeze(-1)) @ ds[i]  # [n_i, h]
+            for i, (g, s) in enumerate(zip(xs.split(sizes), scale.split(sizes), strict=True))
+            if g.shape[0] > 0]
+    return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[-1])
+
+
+def experts_padded(xs: Tensor, scale: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                   expert: Tensor, counts: Tensor) -> Tensor:
+    """All experts in three batched matmuls over groups padded to the largest, [N, h]."""
+    cap = int(counts.max())
+    offsets = torch.cumsum(counts, 0) - counts  # [E]
+    slot = torch.arange(xs.shape[0], device=xs.device) - offsets[expert]  # place in group
+    buf = xs.new_zeros(gate.shape[0], cap, xs.shape[-1])
+    buf = buf.index_put((expert, slot), xs)  # [E, C, h]
+    sbuf = scale.new_zeros(gate.shape[0], cap).index_put((expert, slot), scale)  # [E, C]
+    hidden = F.silu(torch.bmm(buf, gate)) * torch.bmm(buf, up) * sbuf.unsqueeze(-1)  # [E, C, w]
+    return torch.bmm(hidden, down)[expert, slot]  # [N, h]
