@@ -1,22 +1,26 @@
 """Decode-step benchmark: UltraMemV2 against MoE and dense, side by side in one process.
 
-For each batch size it times (median of repeated runs, no grad, float32 on this CPU):
-- the sparse layer alone, built at the `--layer-family` shapes (default 227m: one block's layer of
-  the paper-sized matched presets): UltraMemV2's memory layer, the MoE layer, and the dense FFN;
-  also "block FFN side" = FFN + memory for UltraMemV2 (what replaces a dense FFN), MoE alone;
-- one decode step of the whole model of `--family` (default small) with a KV cache holding a
-  `--context`-token prompt.
-It reports ms per step, tokens/s, weight bytes actually touched (distinct value rows and experts
-counted from the real routing) against `ultramem.accounting.decode_bytes`, and the floor: bytes
-touched divided by this machine's measured gather bandwidth.
+For every thread count (`--threads`, default 1,2) and weight dtype (`--dtypes`: fp32, and the
+serving path of `ultramem.serve.prepare_for_serving`: bf16 or int8) it times, median of repeated
+runs, without gradients:
+- the sparse layer alone at the `--layer-families` shapes (one block's layer of the matched
+  presets): UltraMemV2's memory layer, the MoE layer and the dense FFN; "ffn_side_ms" is FFN +
+  memory for UltraMemV2 (what replaces a dense FFN);
+- one decode step of the whole model of each of `--families` against a KV cache holding
+  `--context` tokens (random keys and values: attention cost depends only on the length).
+Ratios are UltraMemV2's speed over the MoE's (same family, dtype, threads, batch). Layer rows also
+report the weight bytes the call touched (distinct value rows and experts from the real routing)
+and the floor: touched bytes / this machine's measured random-row gather bandwidth.
 
-    python benchmarks/decode.py                    # table + docs/benchmarks/decode.json + plot
-    python benchmarks/decode.py --quick            # smaller, for a smoke run
+    python benchmarks/decode.py                    # table + runs/benchmarks/decode.{json,png}
+    python benchmarks/decode.py --quick            # tiny family, for a smoke run
+    python benchmarks/decode.py --out docs/benchmarks/decode.json   # to publish a run
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -30,12 +34,13 @@ import torch
 from ultramem import LM, ModelConfig
 from ultramem.accounting import count_params, decode_bytes
 from ultramem.model import KVCache
+from ultramem.serve import Int8Linear, PackedLinear, prepare_for_serving
 
 ARCHS = ("ultramem_v2", "moe", "dense")
-BYTES = 4  # float32 weights on this CPU
+BYTES = {"fp32": 4, "bf16": 2, "int8": 2}  # value tables and experts (int8 touches only linears)
 
 
-def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -44,6 +49,21 @@ def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _interleaved_ms(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median ms of each fn, timed in turns (one call of each per round) so that the load of a
+    shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def gather_bandwidth(rows: int = 1 << 20, width: int = 128, picks: int = 65536,
@@ -56,113 +76,154 @@ def gather_bandwidth(rows: int = 1 << 20, width: int = 128, picks: int = 65536,
     return picks * width * 4 / (ms / 1e3)
 
 
-def _params_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters()) * BYTES
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Weight bytes of a module, counting serving linears (packed bf16, int8) too."""
+    total = _bytes(module.parameters())
+    for sub in module.modules():
+        if isinstance(sub, PackedLinear):
+            total += sub.in_features * sub.out_features * 2
+        elif isinstance(sub, Int8Linear):
+            total += _bytes(sub.buffers())
+    return total
 
 
 def touched_bytes(arch: str, block, u: torch.Tensor) -> float:
     """Weight bytes a forward of u actually reads in the block's sparse layer (or FFN)."""
     if arch == "dense":
-        return float(_params_bytes(block.ffn))
+        return float(_module_bytes(block.ffn))
     layer = block.memory
     if arch == "moe":
         _, _, experts = layer.route(u)
-        per_expert = (layer.gate[0].numel() + layer.up[0].numel() + layer.down[0].numel()) * BYTES
-        return float(experts.unique().numel() * per_expert + layer.router.weight.numel() * BYTES)
-    _, rows = layer.retrieve(u)
-    cfg = layer.cfg
-    tables = sum(t.numel() for t in layer.tables() if t is not None)
-    dense = _params_bytes(layer) - tables * BYTES
-    return float(rows.unique().numel() * (cfg.value_dim + cfg.pre_value_dim) * BYTES + dense)
+        per_expert = _bytes([layer.gate[0], layer.up[0], layer.down[0]])
+        return float(experts.unique().numel() * per_expert + _bytes([layer.router.weight]))
+    rows = layer.table_rows(layer.decode_step.retrieve(u.reshape(-1, u.shape[-1]))[1])
+    tables = [t for t in layer.tables() if t is not None]
+    per_row = sum(t.shape[1] * t.element_size() for t in tables)
+    dense = _bytes(layer.parameters()) - _bytes(tables)
+    return float(rows.unique().numel() * per_row + dense)
 
 
-def predicted_bytes(arch: str, cfg: ModelConfig, block, batch: int) -> float:
-    """The cost model's prediction for the same layer (sparse part + the layer's dense weights)."""
-    if arch == "dense":
-        return float(_params_bytes(block.ffn))
-    layer = block.memory
-    sparse = decode_bytes(cfg, batch, BYTES)["sparse"]  # one-layer config: this layer's tables
-    if arch == "moe":
-        return sparse + layer.router.weight.numel() * BYTES
-    tables = sum(t.numel() for t in layer.tables() if t is not None)
-    return sparse + _params_bytes(layer) - tables * BYTES
-
-
-def bench_layers(family: str, batches: list[int], repeats: int, bandwidth: float) -> list[dict]:
-    rows = []
+def _layer_models(family: str) -> dict:
     models = {}
     for arch in ARCHS:
         cfg = ModelConfig.preset(f"{family}/{arch}").replace(n_layers=1, vocab_size=256)
         models[arch] = (cfg, LM(cfg, seed=0).eval())
-    h = models["dense"][0].d_model
-    for batch in batches:
-        u = torch.randn(batch, h, generator=torch.Generator().manual_seed(batch))
-        for arch in ARCHS:
-            cfg, model = models[arch]
-            block = model.blocks[0]
-            with torch.no_grad():
-                layer = block.ffn if arch == "dense" else block.memory
-                ms = _median_ms(lambda layer=layer, u=u: layer(u), repeats)
-                side = ms
-                if arch == "ultramem_v2":
-                    side = _median_ms(lambda b=block, u=u: b.ffn(u) + b.memory(u), repeats)
-                touched = touched_bytes(arch, block, u)
-            rows.append({
-                "scope": f"layer:{family}", "arch": arch, "batch": batch, "ms": ms,
-                "ffn_side_ms": side, "tokens_per_s": batch / (ms / 1e3),
-                "bytes_touched": touched,
-                "bytes_predicted": predicted_bytes(arch, cfg, block, batch),
-                "floor_ms": touched / bandwidth * 1e3,
-            })
-    return rows
+    return models
 
 
-def bench_model(family: str, batches: list[int], repeats: int, context: int,
-                bandwidth: float) -> list[dict]:
+def bench_layers(family: str, dtypes: list[str], threads: list[int], batches: list[int],
+                 repeats: int, bandwidth: float) -> list[dict]:
     rows = []
-    for arch in ARCHS:
-        cfg = ModelConfig.preset(f"{family}/{arch}")
-        model = LM(cfg, seed=0).eval()
-        for batch in batches:
-            gen = torch.Generator().manual_seed(batch)
-            prompt = torch.randint(0, cfg.vocab_size, (batch, context), generator=gen)
-            nxt = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen)
-            cache = KVCache.for_model(model, batch, capacity=context + 1)
-            with torch.no_grad():
-                model(prompt, cache=cache)
-
-                def step(cache=cache, nxt=nxt, model=model):
-                    cache.pos = context  # overwrite the same slot: every step is the same step
-                    model(nxt, cache=cache)
-
-                ms = _median_ms(step, repeats)
-            predicted = decode_bytes(cfg, batch, BYTES)["total"]
-            rows.append({
-                "scope": f"model:{family}", "arch": arch, "batch": batch, "ms": ms,
-                "tokens_per_s": batch / (ms / 1e3), "bytes_predicted": predicted,
-                "floor_ms": predicted / bandwidth * 1e3,
-                "active_params": count_params(cfg)["active"],
-                "total_params": count_params(cfg)["total"],
-            })
-        del model
+    models = _layer_models(family)
+    h = models["dense"][0].d_model
+    for dtype in dtypes:
+        for arch in ARCHS:
+            prepare_for_serving(models[arch][1], dtype)
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for batch in batches:
+                u = torch.randn(batch, h, generator=torch.Generator().manual_seed(batch))
+                u = u.to(models["dense"][1].embed.weight.dtype)
+                blocks = {arch: models[arch][1].blocks[0] for arch in ARCHS}
+                fns = {arch: (lambda layer=(b.ffn if arch == "dense" else b.memory), u=u:
+                              layer(u)) for arch, b in blocks.items()}
+                um = blocks["ultramem_v2"]
+                fns["side"] = lambda b=um, u=u: b.ffn(u) + b.memory(u)
+                with torch.no_grad():
+                    times = _interleaved_ms(fns, repeats)
+                for arch in ARCHS:
+                    with torch.no_grad():
+                        touched = touched_bytes(arch, blocks[arch], u)
+                    ms = times[arch]
+                    rows.append({
+                        "scope": f"layer:{family}", "arch": arch, "dtype": dtype,
+                        "threads": n_threads, "batch": batch, "ms": ms,
+                        "ffn_side_ms": times["side"] if arch == "ultramem_v2" else ms,
+                        "tokens_per_s": batch / (ms / 1e3), "bytes_touched": touched,
+                        "floor_ms": touched / bandwidth * 1e3,
+                    })
     return rows
 
 
-def _fmt_bytes(b: float) -> str:
-    return f"{b / 2**20:8.2f}M"
+def _filled_cache(model: LM, batch: int, context: int) -> KVCache:
+    cache = KVCache.for_model(model, batch, capacity=context + 1)
+    gen = torch.Generator().manual_seed(batch)
+    for store in (cache.keys, cache.values):
+        for buf in store:
+            buf.copy_(torch.randn(buf.shape, generator=gen))
+    cache.pos = context
+    return cache
+
+
+def bench_model(family: str, dtypes: list[str], threads: list[int], batches: list[int],
+                repeats: int, context: int) -> list[dict]:
+    rows = []
+    cfgs = {arch: ModelConfig.preset(f"{family}/{arch}") for arch in ARCHS}
+    models = {arch: LM(cfg, seed=0).eval() for arch, cfg in cfgs.items()}
+    for dtype in dtypes:  # in order, each cast from the previous (fp32 first)
+        for model in models.values():
+            prepare_for_serving(model, dtype)
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for batch in batches:
+                gen = torch.Generator().manual_seed(batch)
+                nxt = torch.randint(0, cfgs["dense"].vocab_size, (batch, 1), generator=gen)
+                caches = {arch: _filled_cache(m, batch, context) for arch, m in models.items()}
+
+                def step(arch, nxt=nxt, caches=caches, models=models):
+                    caches[arch].pos = context  # overwrite one slot: every step is the same
+                    models[arch](nxt, cache=caches[arch])
+
+                with torch.no_grad():
+                    times = _interleaved_ms({a: (lambda a=a: step(a)) for a in ARCHS}, repeats)
+                for arch in ARCHS:
+                    counts = count_params(cfgs[arch])
+                    rows.append({
+                        "scope": f"model:{family}", "arch": arch, "dtype": dtype,
+                        "threads": n_threads, "batch": batch, "ms": times[arch],
+                        "tokens_per_s": batch / (times[arch] / 1e3),
+                        "bytes_predicted": decode_bytes(cfgs[arch], batch, BYTES[dtype])["total"],
+                        "active_params": counts["active"], "total_params": counts["total"],
+                    })
+                del caches
+    del models
+    gc.collect()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_moe: the MoE's ms over this row's ms (same scope, dtype, threads, batch)."""
+    key = {(r["scope"], r["arch"], r["dtype"], r["threads"], r["batch"]): r for r in rows}
+    for r in rows:
+        moe = key.get((r["scope"], "moe", r["dtype"], r["threads"], r["batch"]))
+        r["vs_moe"] = moe["ms"] / r["ms"] if moe else None
+        fp32 = key.get((r["scope"], r["arch"], "fp32", r["threads"], r["batch"]))
+        r["vs_fp32"] = fp32["ms"] / r["ms"] if fp32 else None
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'scope':<14} {'arch':<12} {'batch':>5} {'ms/step':>9} {'tok/s':>10} "
-          f"{'touched':>9} {'predicted':>9} {'floor ms':>9} {'vs MoE':>7}")
-    by_key = {(r["scope"], r["arch"], r["batch"]): r for r in rows}
+    print(f"{'scope':<14} {'dtype':<5} {'thr':>3} {'batch':>5} "
+          + " ".join(f"{a[:7] + ' ms':>10}" for a in ARCHS)
+          + f" {'UMv2 tok/s':>10} {'UMv2/MoE':>8} {'vs fp32':>7} {'UMv2/floor':>10}")
+    seen = []
     for r in rows:
-        moe = by_key.get((r["scope"], "moe", r["batch"]))
-        speedup = moe["ms"] / r["ms"] if moe else float("nan")
-        touched = _fmt_bytes(r["bytes_touched"]) if "bytes_touched" in r else "       -"
-        print(f"{r['scope']:<14} {r['arch']:<12} {r['batch']:>5} {r['ms']:>9.3f} "
-              f"{r['tokens_per_s']:>10.0f} {touched:>9} {_fmt_bytes(r['bytes_predicted']):>9} "
-              f"{r['floor_ms']:>9.3f} {speedup:>6.2f}x")
+        k = (r["scope"], r["dtype"], r["threads"], r["batch"])
+        if k not in seen:
+            seen.append(k)
+    by = {(r["scope"], r["dtype"], r["threads"], r["batch"], r["arch"]): r for r in rows}
+    for k in seen:
+        group = {a: by.get((*k, a)) for a in ARCHS}
+        um = group["ultramem_v2"]
+        ms = " ".join(f"{group[a]['ms']:>10.3f}" if group[a] else f"{'-':>10}" for a in ARCHS)
+        floor = f"{um['ms'] / um['floor_ms']:>9.2f}x" if um and "floor_ms" in um else f"{'-':>10}"
+        vs32 = f"{um['vs_fp32']:>6.2f}x" if um and um.get("vs_fp32") else f"{'-':>7}"
+        ratio = f"{um['vs_moe']:>7.2f}x" if um and um.get("vs_moe") else f"{'-':>8}"
+        tok = f"{um['tokens_per_s']:>10.1f}" if um else f"{'-':>10}"
+        print(f"{k[0]:<14} {k[1]:<5} {k[2]:>3} {k[3]:>5} {ms} {tok} {ratio} {vs32} {floor}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -171,22 +232,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scopes = sorted({r["scope"] for r in rows})
-    fig, axes = plt.subplots(1, len(scopes), figsize=(6 * len(scopes), 4.5))
-    for ax, scope in zip(axes if len(scopes) > 1 else [axes], scopes, strict=True):
+    panels = sorted({(r["scope"], r["threads"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (scope, n_threads) in zip(axes[0], panels, strict=True):
         for arch in ARCHS:
-            pts = [r for r in rows if r["scope"] == scope and r["arch"] == arch]
-            ax.plot([p["batch"] for p in pts], [p["ms"] / p["batch"] for p in pts], "o-",
-                    label=arch)
+            for dtype in sorted({r["dtype"] for r in rows}):
+                pts = [r for r in rows if (r["scope"], r["threads"], r["arch"], r["dtype"])
+                       == (scope, n_threads, arch, dtype)]
+                if pts:
+                    ax.plot([p["batch"] for p in pts], [p["ms"] / p["batch"] for p in pts],
+                            "o-" if dtype == "fp32" else "s--", label=f"{arch} {dtype}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel("ms per token (one decode step / batch)")
-        ax.set_title(scope)
-        ax.legend()
+        ax.set_title(f"{scope}, {n_threads} thread(s)")
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def _commit() -> str:
@@ -196,36 +260,50 @@ def _commit() -> str:
         return "unknown"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="small", help="matched family for the whole model")
-    parser.add_argument("--layer-family", default="227m", help="matched family for the layer")
-    parser.add_argument("--batches", default="1,4,16,64,256")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--families", default="227m,small",
+                        help="matched families for the whole model ('' for none)")
+    parser.add_argument("--layer-families", default="227m,small",
+                        help="matched families for the layer alone ('' for none)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="fp32, bf16, int8 (in this order)")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts")
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls (227m: at most 5)")
     parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--out", default="docs/benchmarks/decode.json")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", default="runs/benchmarks/decode.json")
     parser.add_argument("--quick", action="store_true", help="tiny family, few repeats")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
-        args.family, args.layer_family, args.repeats, args.batches = "tiny", "tiny", 3, "1,8,64"
-    batches = [int(b) for b in args.batches.split(",")]
+        args.families = args.layer_families = "tiny"
+        args.repeats, args.batches = 3, "1,8,64"
+    batches, threads = _ints(args.batches), _ints(args.threads)
+    dtypes = [d for d in ("fp32", "bf16", "int8") if d in args.dtypes.split(",")]
     torch.manual_seed(0)
+    torch.set_num_threads(threads[0])
     bandwidth = gather_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"gather bandwidth {bandwidth / 1e9:.2f} GB/s")
-    rows = bench_layers(args.layer_family, batches, args.repeats, bandwidth)
-    rows += bench_model(args.family, batches, args.repeats, args.context, bandwidth)
+    print(f"torch {torch.__version__}, threads {threads}, gather bandwidth "
+          f"{bandwidth / 1e9:.2f} GB/s ({threads[0]} thread)")
+    rows = []
+    for fam in [f for f in args.layer_families.split(",") if f]:
+        reps = min(args.repeats, 5) if fam == "227m" else args.repeats
+        rows += bench_layers(fam, dtypes, threads, batches, reps, bandwidth)
+    for fam in [f for f in args.families.split(",") if f]:
+        reps = min(args.repeats, 5) if fam == "227m" else args.repeats
+        rows += bench_model(fam, dtypes, threads, batches, reps, args.context)
+    add_ratios(rows)
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/decode.py " + " ".join(
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "quick"),
-        "commit": _commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "commit": _commit(), "torch": torch.__version__, "threads": threads,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "gather_bandwidth_bytes_per_s": bandwidth, "bytes_per_weight": BYTES}
+        "gather_bandwidth_bytes_per_s": bandwidth, "dtypes": dtypes}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

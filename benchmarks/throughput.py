@@ -6,10 +6,10 @@ Part 1, speed: one `Trainer` per (architecture, precision) of a matched family (
 configuration sees the same machine noise. Repeated at each `--threads` value. Reported: median
 tokens/s (wall clock) and the fast/fp32 ratio per architecture.
 
-Part 2, quality (`--loss-steps N`, 0 skips it): `--loss-preset` trained N steps in float32 with
-seeds `--loss-seeds` (the seed spread) and with the fast path on seed 0, same data; reported:
-train loss (mean of the last 10% of steps) and held-out loss at the end, and whether the fast
-path's falls inside the float32 seeds' range.
+Part 2, quality (`--loss-steps N`, 0 skips it): `--loss-preset` trained N steps per
+`--loss-runs` entry (default float32 on seeds 0, 1, 2 for the seed spread, and the fast path on
+seed 0), same data; reported: train loss (mean of the last 10% of steps) and held-out loss at the
+end, and whether the fast path's falls inside the float32 seeds' range.
 
     python benchmarks/throughput.py                           # -> runs/benchmarks/throughput.json
     python benchmarks/throughput.py --loss-steps 300 --out docs/benchmarks/throughput.json
@@ -74,9 +74,10 @@ def speed(args, data: Path, work: Path) -> list[dict]:
 def quality(args, data: Path, work: Path) -> list[dict]:
     torch.set_num_threads(args.threads[0])
     cfg = ModelConfig.preset(args.loss_preset)
-    plan = [("fp32", s) for s in args.loss_seeds] + [(args.precisions[-1], args.loss_seeds[0])]
+    plan = [tuple(item.split(":")) for item in args.loss_runs.split(",")]
     rows = []
     for precision, seed in plan:
+        seed = int(seed)
         tcfg = _train_cfg(args, precision, steps=args.loss_steps, seed=seed,
                           eval_every=args.loss_steps, eval_batches=16,
                           log_every=1)
@@ -110,8 +111,8 @@ def print_tables(result: dict) -> None:
             print(f"{threads:>7} {arch:<12} {base['tokens_per_s']:>11.0f} "
                   f"{new['tokens_per_s']:>11.0f} {ratio:>6.2f}x")
     rows = result.get("quality") or []
-    if rows:
-        ref = [r for r in rows if r["precision"] == "fp32"]
+    ref = [r for r in rows if r["precision"] == "fp32"]
+    if rows and ref:
         lo = min(r["eval_loss"] for r in ref)
         hi = max(r["eval_loss"] for r in ref)
         print(f"\nfp32 eval loss over seeds {[r['seed'] for r in ref]}: {lo:.4f} .. {hi:.4f}")
@@ -135,7 +136,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss-steps", type=int, default=0)
     p.add_argument("--loss-preset", default="small/ultramem_v2")
-    p.add_argument("--loss-seeds", default="0,1,2")
+    p.add_argument("--loss-runs", default="fp32:0,fp32:1,fp32:2,auto:0",
+                   help="precision:seed runs of the loss comparison")
+    p.add_argument("--skip-speed", action="store_true", help="only the loss comparison")
     p.add_argument("--quick", action="store_true", help="tiny family, 3 rounds, no loss run")
     p.add_argument("--out", default="runs/benchmarks/throughput.json")
     args = p.parse_args()
@@ -144,7 +147,6 @@ def main() -> None:
     args.archs = args.archs.split(",")
     args.precisions = args.precisions.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
-    args.loss_seeds = [int(s) for s in args.loss_seeds.split(",")]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"fast bf16 on CPU: {cpu_has_fast_bf16()}",
@@ -158,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = prepare_builtin(work / "data")
-        result["speed"] = speed(args, data, work)
+        result["speed"] = [] if args.skip_speed else speed(args, data, work)
         if args.loss_steps:
             result["quality"] = quality(args, data, work)
     out.parent.mkdir(parents=True, exist_ok=True)

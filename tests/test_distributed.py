@@ -47,8 +47,10 @@ def small_cfg(**memory) -> ModelConfig:
 
 
 def quick(**changes) -> TrainConfig:
+    # float32: the checks compare gradients across layouts to 1e-5 (bf16 rounding would not)
     base = dict(steps=4, batch_size=PER_RANK_BATCH, seq_len=16, warmup=1, log_every=1,
-                eval_every=0, ckpt_every=2, tensorboard=False, plot=False, device="cpu")
+                eval_every=0, ckpt_every=2, tensorboard=False, plot=False, device="cpu",
+                precision="fp32")
     return TrainConfig(**{**base, **changes})
 
 

@@ -124,6 +124,42 @@ def test_bf16_autocast_matches_float32_within_bf16_tolerance(impl):
         torch.testing.assert_close(gp[name], rgp[name], rtol=5e-2, atol=5e-2, msg=name)
 
 
+@pytest.mark.parametrize("impl", ["auto", "grouped"])
+def test_bf16_row_buckets_match_float32(impl):
+    """Enough tokens that bf16 groups are padded to ROW_BUCKET rows: same results."""
+    from ultramem.layers.moe import ROW_BUCKET, needs_row_buckets
+
+    layer = _f32_layer()
+    layer.impl = impl
+    x = torch.randn(2, 70, 16)  # 140 tokens x top-3 = 420 rows >= ROW_BUCKET x 8 experts
+    assert needs_row_buckets(torch.empty(420, 16, dtype=torch.bfloat16), 8)
+    assert not needs_row_buckets(torch.empty(420, 16), 8)
+    assert 420 >= ROW_BUCKET * 8
+    ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, gx, gp = _grads(layer, x, layer)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gx.float(), rgx, rtol=3e-2, atol=3e-2)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_pad_groups_aligns_every_group_and_keeps_rows():
+    from ultramem.layers.moe import pad_groups
+
+    counts = torch.tensor([3, 0, 5, 1])
+    expert = torch.repeat_interleave(torch.arange(4), counts)
+    xs = torch.arange(9.0).unsqueeze(1).expand(9, 2)
+    rows, scales, padded, dest = pad_groups(xs, torch.arange(9.0), expert, counts, 4)
+    assert padded.tolist() == [4, 0, 8, 4] and rows.shape == (9 + 4 * 3, 2)
+    assert dest.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
+    torch.testing.assert_close(rows[dest], xs)
+    torch.testing.assert_close(scales[dest], torch.arange(9.0))
+    keep = torch.zeros(rows.shape[0], dtype=torch.bool)
+    keep[dest] = True
+    assert (rows[~keep] == 0).all()
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_no_grad_matches_loop_also_with_bf16_weights(batch, dtype):

@@ -4,7 +4,9 @@
 the standard names (`hidden_size`, `num_hidden_layers`, ...) for HF tooling.
 `UltraMemForCausalLM` holds one `LM` as `self.model`: no second copy of the network, so every
 architecture the project builds (UltraMemV2, MoE, PKM, PEER, Memory+, UltraMem v1, dense) loads
-the same way. `generate()` runs on our `KVCache`. Importing this module registers both classes
+the same way. `generate()` runs on our `KVCache`, allocated once for prompt + new tokens, with the
+UltraMemV2 decode steps of `ultramem.serve` (`ultramem.serve.prepare_for_serving(hf.model,
+"bf16")` casts the weights for serving). Importing this module registers both classes
 with `AutoConfig` / `AutoModelForCausalLM` (`import ultramem` does it when transformers is
 installed).
 
@@ -134,6 +136,25 @@ class UltraMemForCausalLM(PreTrainedModel, GenerationMixin):
             module.rope_cos.copy_(cos)
             module.rope_sin.copy_(sin)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate` on the serving path: UltraMemV2 decode steps installed for the
+        call (`ultramem.serve.decoding`), one KV cache of prompt + new tokens (no regrowth)."""
+        from ultramem.serve import decoding
+
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        gen_cfg = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
+        total = kwargs.get("max_length", gen_cfg.max_length)
+        if ids is not None and new is not None:
+            total = ids.shape[-1] + new
+        self._cache_len = None if total is None else min(int(total), self.config.ultramem[
+            "max_seq_len"])
+        try:
+            with decoding(self.model):
+                return super().generate(*args, **kwargs)
+        finally:
+            self._cache_len = None
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
 
@@ -149,7 +170,8 @@ class UltraMemForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"{type(self).__name__} needs an ultramem KVCache, got {type(cache)}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = _GenerationCache.for_model(self.model, input_ids.shape[0])
+            cap = getattr(self, "_cache_len", None) or 64  # set by generate(): prompt + new
+            cache = _GenerationCache.for_model(self.model, input_ids.shape[0], capacity=cap)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # plain causal attention is faster and the same
         targets = None

@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        # float32 whatever the input (bf16 activations, autocast); torch's fused kernel
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -42,29 +42,46 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, causal: bool) -> Tensor:
+    """Scaled dot-product attention, q [B, H, T, d], k and v [B, H, S, d] -> [B, H, T, d].
+
+    On CPU, bf16 attention with gradients runs in float32: there the fused CPU kernel's bf16
+    backward is slower than its float32 one (measured 62 vs 44 ms per layer at the `small` shapes,
+    `benchmarks/throughput.py`), and float32 is the more accurate of the two.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=causal)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 class KVCache:
     """Keys and values of every attention layer for the tokens seen so far (incremental decoding).
 
     Per layer a [B, H, capacity, d] buffer for keys and one for values; `pos` tokens are stored, so
     the next token sits at RoPE position `pos`. `LM.forward(idx, cache=cache)` appends idx's keys
-    and values and advances `pos`. Capacity grows by doubling up to `max_len` (default
-    `cfg.max_seq_len`). The FFN and memory layers act on each token alone and need no cache.
+    and values and advances `pos`. `capacity` tokens are allocated up front (None: `max_len`,
+    default `cfg.max_seq_len`); beyond that the buffers grow by doubling up to `max_len`.
+    Serving (`LM.generate`) allocates prompt + new tokens at once, so decoding never reallocates.
+    The FFN and memory layers act on each token alone and need no cache.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, *, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 capacity: int = 64):
+                 capacity: int | None = 64):
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.batch, self.n_layers = batch, cfg.n_layers
         self.pos = 0
-        cap = min(capacity, self.max_len)
+        cap = self.max_len if capacity is None else max(1, min(capacity, self.max_len))
         shape = (batch, cfg.n_heads, cap, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
     @classmethod
     def for_model(cls, model: LM, batch: int, **kwargs) -> KVCache:
-        """An empty cache on the model's device, in its dtype."""
+        """An empty cache on the model's device, in its dtype (the serving dtype once cast)."""
         w = model.embed.weight
         return cls(model.cfg, batch, device=w.device, dtype=w.dtype, **kwargs)
 
@@ -138,8 +155,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # [B, H, pos + T, d]
         # No mask means causal: with a cache that holds only for T == 1 or an empty cache
         # (LM.forward builds an explicit mask otherwise).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and t > 1)  # [B, H, T, d]
+        y = attention(q, k, v, mask, causal=mask is None and t > 1)  # [B, H, T, d]
         return self.proj(y.transpose(1, 2).reshape(b, t, h))
 
 
@@ -334,10 +350,22 @@ class LM(nn.Module):
         to the top_k tokens and/or the smallest set whose probability reaches top_p.
         attention_mask [B, T] marks real tokens of left-padded prompts (1) and padding (0).
         After a row emits eos_token_id it repeats it; generation stops once every row has.
-        With use_cache, each step runs only the new token against a `KVCache`; when the sequence
-        reaches max_seq_len the cache is refilled from the last max_seq_len // 2 tokens (without a
-        cache, each step reads the last max_seq_len tokens, as a full forward would).
+        With use_cache, each step runs only the new token against a `KVCache` allocated once for
+        prompt + new tokens; when the sequence reaches max_seq_len the cache is refilled from the
+        last max_seq_len // 2 tokens (without a cache, each step reads the last max_seq_len
+        tokens, as a full forward would). UltraMemV2 layers run their decode step
+        (`ultramem.serve`) for the call; a model cast by `prepare_for_serving` keeps its own.
         """
+        from ultramem.serve import decoding
+
+        with decoding(self):
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                  attention_mask, eos_token_id, use_cache)
+
+    def _generate(self, idx: Tensor, max_new_tokens: int, temperature: float,
+                  top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                  attention_mask: Tensor | None, eos_token_id: int | None,
+                  use_cache: bool) -> Tensor:
         b = idx.shape[0]
         mask = None if attention_mask is None else attention_mask.to(idx.device, torch.long)
         done = torch.zeros(b, dtype=torch.bool, device=idx.device)
@@ -352,8 +380,8 @@ class LM(nn.Module):
             else:
                 if cache is None or cache.pos + (idx.shape[1] - fed) > limit:
                     keep = min(idx.shape[1], limit if cache is None else limit // 2)
-                    cache, fed = KVCache.for_model(self, b), idx.shape[1] - keep
-                    cache.reserve(min(limit, keep + max_new_tokens))
+                    need = min(limit, keep + max_new_tokens)
+                    cache, fed = KVCache.for_model(self, b, capacity=need), idx.shape[1] - keep
                 new = idx[:, fed:]
                 cmask = None if mask is None else mask[:, idx.shape[1] - cache.pos - new.shape[1]:]
                 logits, _ = self(new, cache=cache, attention_mask=cmask)

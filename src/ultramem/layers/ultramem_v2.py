@@ -15,11 +15,13 @@ Raw scores weight the values: no softmax. Initialization lives in `ultramem.init
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import MemoryConfig
 from ultramem.layers.common import flatten_tokens
 from ultramem.ops import memory_read
+from ultramem.precision import float32_region
 from ultramem.retrieval import TuckerProductKeys
 
 
@@ -80,6 +82,8 @@ class UltraMemV2Layer(nn.Module):
         self.table_source = None
         self._aux_loss: Tensor | None = None
         self.init_stats: dict[str, float] = {}
+        # Set by `ultramem.serve`: the inference forward, used when no gradients are recorded.
+        self.decode_step = None
 
     # -- tables ---------------------------------------------------------------------------
 
@@ -103,7 +107,10 @@ class UltraMemV2Layer(nn.Module):
 
     def _queries(self, x: Tensor) -> Tensor:
         r, dk = self.cfg.tucker_rank, self.cfg.key_dim
-        q = self.query(x)
+        # float32 also under bf16 autocast: the queries decide which rows are read, and bf16
+        # queries change the retrieved set for most tokens (retrieval.row_col_scores likewise)
+        with float32_region(x.device.type):
+            q = F.linear(x.float(), self.query.weight.float())  # [T, 2 r Dk]
         if self.cfg.shared_rank_query:
             return q.view(-1, 2, 1, dk).expand(-1, 2, r, dk)  # [T, 2, r, Dk]
         return q.view(-1, 2, r, dk)  # [T, 2, r, Dk]
@@ -135,6 +142,8 @@ class UltraMemV2Layer(nn.Module):
     # -- forward --------------------------------------------------------------------------
 
     def forward(self, u: Tensor) -> Tensor:
+        if self.decode_step is not None and not torch.is_grad_enabled():
+            return self.decode_step(u)
         lead = u.shape[:-1]
         x = self._flat(u)  # [T, h]
         scores, rows, s_row, s_col = self._retrieve(x)  # [T, m, c], [T, m]
