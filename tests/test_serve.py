@@ -17,13 +17,7 @@ from ultramem.serve import (
     prepare_for_serving,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_cfg(tiny_cfg, **memory):
