@@ -2,7 +2,7 @@
 
 Run where CUDA and triton are present (it exits with a message elsewhere):
 
-    python benchmarks/gpu_kernels.py               # table + docs/benchmarks/gpu_kernels.json
+    python benchmarks/gpu_kernels.py               # table + runs/benchmarks/gpu_kernels.json
 
 For each batch it times the fused read (forward, and forward + backward, deterministic and
 atomic) against the embedding_bag path on the same device, reports the bytes each must move
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--top-m", type=int, default=128)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--batches", default="1,16,256,4096")
-    parser.add_argument("--out", default="docs/benchmarks/gpu_kernels.json")
+    parser.add_argument("--out", default="runs/benchmarks/gpu_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_kernels.py needs CUDA; nothing measured")

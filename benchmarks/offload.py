@@ -8,7 +8,7 @@
    cache, reporting tokens/s and its peak resident memory (ru_maxrss, which counts the mapped
    table pages it touched). Modes: mmap fp32, mmap int8, and fp32 tables copied into RAM.
 
-    python benchmarks/offload.py            # table + docs/benchmarks/offload.json
+    python benchmarks/offload.py            # table + runs/benchmarks/offload.json
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads when serving")
-    parser.add_argument("--out", default="docs/benchmarks/offload.json")
+    parser.add_argument("--out", default="runs/benchmarks/offload.json")
     parser.add_argument("--workdir", default=None, help="where the checkpoint goes (temp dir)")
     parser.add_argument("--_write", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_serve", nargs=2, default=None, help=argparse.SUPPRESS)

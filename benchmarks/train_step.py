@@ -7,7 +7,8 @@ dense table gradients) and `value_update=sparse` (row-sparse gradients + lazy Ad
 compares training throughput of the matched `tiny/*` architectures (UltraMemV2, MoE, dense...)
 and, with --quality, the loss each value update reaches after a short run on built-in data.
 
-  python benchmarks/train_step.py                   # writes docs/train_step.md and .json
+  python benchmarks/train_step.py                   # runs/benchmarks/train_step.{md,json}
+  python benchmarks/train_step.py --out docs        # the committed docs/train_step.md
   python benchmarks/train_step.py --steps 5 --out /tmp/x   # quick look
 
 Numbers are milliseconds per optimizer step (median of the timed steps) on whatever machine runs
@@ -201,7 +202,8 @@ def main() -> None:
     p.add_argument("--parts", default="sizes,archs",
                    help="comma list of sizes, archs, quality; results merge into the JSON")
     p.add_argument("--quality-steps", type=int, default=300)
-    p.add_argument("--out", default="docs", help="folder for train_step.md / .json")
+    p.add_argument("--out", default="runs/benchmarks",
+                   help="folder for train_step.md / .json (committed results: name docs)")
     p.add_argument("--table-only", action="store_true",
                    help="rewrite train_step.md from the JSON in --out without measuring")
     args = p.parse_args()

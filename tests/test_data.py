@@ -128,3 +128,68 @@ def test_batch_order_rejects_too_little_data(tmp_path):
     prepare([str(f)], tmp_path / "d", val_fraction=0)
     with pytest.raises(ValueError, match="no window of 65 tokens"):
         BatchOrder(TokenShards(tmp_path / "d", "train"), seq_len=64, batch_size=2)
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_prepare_killed_while_replacing_leaves_the_old_data_whole(tmp_path):
+    """A prepare that dies (os._exit: no cleanup runs, as after SIGKILL) while writing the new
+    shards over an existing data directory leaves the old one complete and readable."""
+    import subprocess
+    import sys
+
+    old_src, new_src = tmp_path / "old.txt", tmp_path / "new.jsonl"
+    old_src.write_text("old text\n" * 200)
+    new_src.write_text('{"text": "new words here"}\n' * 400)  # 400 documents
+    data = tmp_path / "d"
+    prepare([str(old_src)], data, val_fraction=0, shard_tokens=256)
+    before = _snapshot(data)
+    code = (
+        "import os, sys\n"
+        "from ultramem.data import prepare as p\n"
+        "add, calls = p._ShardWriter.add, [0]\n"
+        "def dying_add(self, ids):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 150: os._exit(9)  # mid-write, several shards in\n"
+        "    add(self, ids)\n"
+        "p._ShardWriter.add = dying_add\n"
+        f"p.prepare([{str(new_src)!r}], {str(data)!r}, val_fraction=0, shard_tokens=256)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()
+    assert _snapshot(data) == before
+    tokens = _all_tokens(data, "train")
+    assert bytes(tokens.astype(np.uint8)).decode() == "old text\n" * 200
+    # A complete rerun replaces it; the abandoned work directory does not confuse it.
+    meta = prepare([str(new_src)], data, val_fraction=0, shard_tokens=256)
+    assert meta["splits"]["train"]["n_tokens"] == len("new words here\n" * 400)
+    assert bytes(_all_tokens(data, "train").astype(np.uint8)).decode() == "new words here\n" * 400
+
+
+def test_damaged_shards_are_named_on_load(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefgh\n" * 100)
+    data = tmp_path / "d"
+    prepare([str(f)], data, val_fraction=0, shard_tokens=256)
+    shard = data / "train_001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])  # half-rewritten
+    with pytest.raises(DataError, match="train_001.bin|damaged"):
+        TokenShards(data, "train")
+    shard.unlink()
+    with pytest.raises(DataError, match="train_001.bin is listed"):
+        TokenShards(data, "train")
+
+
+def test_prepare_refuses_a_directory_it_did_not_write(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("some text\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(DataError, match="thesis.tex"):
+        prepare([str(f)], mine)
+    assert (mine / "thesis.tex").read_text() == "keep"
+    with pytest.raises(DataError, match="is a file"):
+        prepare([str(f)], f)

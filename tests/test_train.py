@@ -269,18 +269,24 @@ def test_bf16_autocast_trains(tmp_path):
     assert math.isfinite(summary["final_loss"]) and summary["skipped_steps"] == 0
 
 
-def test_train_cli_writes_metrics_plot_and_tensorboard(tmp_path, capsys):
-    out = tmp_path / "run"
-    sets = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128",
+CLI_SETS = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128",
             "model.memory.n_keys=16", "model.memory.key_dim=16", "model.memory.top_m=8",
             "model.memory.value_dim=16", "model.memory.pre_value_dim=16",
             "model.memory.init_samples=256", "batch_size=4", "seq_len=32", "log_every=2",
             "eval_every=5", "eval_batches=2", "ckpt_every=5", "warmup=2", "lr=3e-3",
             "device=cpu"]
-    argv = ["train", "--preset", "tiny", "--steps", "10", "--out", str(out), "--quiet"]
-    for s in sets:
+
+
+def _train_argv(out, steps: int, *extra: str) -> list[str]:
+    argv = ["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), "--quiet"]
+    for s in CLI_SETS:
         argv += ["--set", s]
-    assert cli_main(argv) == 0
+    return argv + list(extra)
+
+
+def test_train_cli_writes_metrics_plot_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_train_argv(out, 10)) == 0
     assert "done: 10 steps" in capsys.readouterr().out
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [2, 4, 5, 6, 8, 10]
@@ -295,3 +301,36 @@ def test_train_cli_writes_metrics_plot_and_tensorboard(tmp_path, capsys):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005", "step_00000010"] \
         or sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005",
                                                                        "step_00000010"]
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_train_cli_refuses_an_existing_run_and_overwrite_clears_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_train_argv(out, 10, "--set", "tensorboard=false", "--set", "plot=false")) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    # A fresh run into it: refused, one line naming the way out, nothing touched.
+    assert cli_main(_train_argv(out, 5)) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+    assert cli_main(_train_argv(out, 5, "--resume", "--overwrite")) == 2
+    assert _snapshot(out) == before
+    # --overwrite: the old run is gone, the new one alone is there.
+    assert cli_main(_train_argv(out, 5, "--overwrite", "--set", "ckpt_every=0")) == 0
+    assert [r["step"] for r in read_metrics(out)] == [2, 4, 5]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005"]
+
+
+def test_train_cli_overwrite_deletes_only_run_directories(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli_main(_train_argv(out, 2, "--overwrite")) == 2
+    assert "holds no run" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert cli_main(_train_argv(tmp_path / "empty_is_fine", 2)) == 0

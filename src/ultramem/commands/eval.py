@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ablations", default="all",
                    help="comma list of plain_values,fixed_init,shared_query,half_layers, all or "
                         "none")
-    s.add_argument("--out", default="docs/results", help="where <family>.md and plots go")
+    s.add_argument("--out", default="runs/study",
+                   help="where <family>.md and plots go (committed results: name docs/results)")
     s.add_argument("--work", default="runs/study", help="run directories (checkpoints, data)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seq-len", type=int, default=None, help="default: the family's max_seq_len")

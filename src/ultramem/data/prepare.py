@@ -10,28 +10,29 @@ validation; with fewer, the last val_fraction of each document (cut at a newline
 does. Documents end with the end-of-text token (BPE) or a newline (bytes).
 
 Inputs are streamed (a counting pass, a BPE training pass, a writing pass), so memory holds one
-document at a time; `meta.json` is written last, so a directory with one is complete.
+document at a time. Everything is written into a hidden sibling directory and renamed into
+place at the end (`_swap_in`), so a killed prepare never leaves a mixture of an old and a new
+data set at the output path; `meta.json` records each split's token count and shard size, and
+`TokenShards` checks the files against it before reading.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ultramem.data.shards import META, token_dtype
+from ultramem.data.shards import META, DataError, token_dtype
 from ultramem.data.tokenizer import BPETokenizer, ByteTokenizer, train_bpe
 
 BUILTIN = ("builtin:facts", "builtin:python")
 TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-class DataError(ValueError):
-    """Input that cannot be prepared: missing, unreadable, malformed or empty."""
 
 
 def _files(source: str) -> list[Path]:
@@ -163,8 +164,53 @@ def prepare(
     if n_docs == 0:
         raise DataError(f"inputs {sources} hold no text")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"  # everything is written here first
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        meta = _write(sources, work, n_docs, tokenizer=tokenizer, vocab_size=vocab_size,
+                      val_fraction=val_fraction, shard_tokens=shard_tokens, seed=seed)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _swap_in(work, out)
+    return meta
 
+
+# What `prepare` writes; a directory holding anything else is not replaced.
+_PREPARED = re.compile(r"^(meta\.json(\.tmp\d+)?|tokenizer\.json|(train|val)_\d{3,}\.bin)$")
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if not _PREPARED.match(p.name))
+        if other:
+            names = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+            raise DataError(f"--out {out} holds files prepare did not write ({names}); choose an "
+                            f"empty or new directory")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the finished directory `new` at `out`. Without an old one this is one atomic rename;
+    an old one is first renamed aside and deleted after, so a kill at any point leaves either
+    the old or the new complete directory at `out` (or, between the two renames, `out` missing
+    and the old one kept as `.NAME.old-PID` beside it), never a mixture."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old)
+
+
+def _write(sources: list[str], out: Path, n_docs: int, *, tokenizer: str, vocab_size: int,
+           val_fraction: float, shard_tokens: int, seed: int) -> dict[str, Any]:
     def pieces() -> Iterator[tuple[str, str]]:
         return _split(iter_documents(sources, seed), n_docs, val_fraction)
 
@@ -183,7 +229,7 @@ def prepare(
     meta = {
         "version": 1, "sources": sources, "tokenizer": spec, "vocab_size": tok.vocab_size,
         "dtype": token_dtype(tok.vocab_size).name, "n_documents": n_docs, "splits": splits,
-        "val_fraction": val_fraction, "seed": seed,
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
     }
     tmp = out / (META + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=2))

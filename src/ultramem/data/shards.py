@@ -25,11 +25,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+class DataError(ValueError):
+    """Input that cannot be prepared or read: missing, unreadable, malformed, empty or damaged."""
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `ultramem prepare` to create {data_dir}")
     return json.loads(path.read_text())
+
+
+def check_shards(data_dir: Path, meta: dict[str, Any], split: str) -> None:
+    """Every shard of `split` exists and the sizes add up to what meta.json says (and, where meta
+    records `shard_tokens`, each shard but the last is full): a damaged directory, e.g. one a
+    killed `prepare` of an older version left behind, is named instead of read."""
+    info = meta["splits"][split]
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    sizes = []
+    for name in info["shards"]:
+        path = data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path} is listed in {data_dir / META} but missing: the data "
+                            f"directory is damaged; run `ultramem prepare` again")
+        nbytes = path.stat().st_size
+        if nbytes % itemsize:
+            raise DataError(f"{path}: {nbytes} bytes is not a whole number of "
+                            f"{meta['dtype']} tokens: damaged; run `ultramem prepare` again")
+        sizes.append(nbytes // itemsize)
+    full = meta.get("shard_tokens")
+    bad = sum(sizes) != info["n_tokens"] or (
+        full is not None and (any(n != full for n in sizes[:-1]) or sizes[-1:] > [full]))
+    if bad:
+        raise DataError(f"{data_dir}: the {split} shards hold {sizes} tokens but {META} says "
+                        f"{info['n_tokens']} in total" + (f" in shards of {full}" if full else "")
+                        + ": the directory is damaged (an interrupted prepare?); run "
+                        "`ultramem prepare` again")
 
 
 class TokenShards:
@@ -41,6 +72,7 @@ class TokenShards:
         if split not in meta["splits"]:
             raise ValueError(f"split {split!r} not in {self.dir}; has {sorted(meta['splits'])}")
         dtype = np.dtype(meta["dtype"])
+        check_shards(self.dir, meta, split)
         self.shards = [np.memmap(self.dir / name, dtype=dtype, mode="r")
                        for name in meta["splits"][split]["shards"]]
         self.n_tokens = sum(len(s) for s in self.shards)

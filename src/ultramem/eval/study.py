@@ -62,7 +62,7 @@ class StudyConfig:
     steps: int = 300
     archs: tuple[str, ...] = ARCHS
     ablations: tuple[str, ...] = tuple(ABLATIONS)
-    out: str = "docs/results"
+    out: str = "runs/study"
     work: str = "runs/study"
     seed: int = 0
     seeds: int = 1  # training seeds per run in `seeded` (see the module doc)
@@ -164,8 +164,8 @@ def build_data(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
     copies = max(2, math.ceil(0.15 * other / 0.85 / one))
     docs += facts.train_documents(copies, seed=cfg.seed)
     random.Random(cfg.seed).shuffle(docs)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    mix = data_dir / "mix.jsonl"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    mix = data_dir.parent / f"{data_dir.name}_mix.jsonl"  # beside: prepare replaces data_dir
     mix.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     vocab = ModelConfig.preset(f"{cfg.family}/dense").vocab_size
     return prepare([str(mix)], data_dir, tokenizer=tokenizer, vocab_size=vocab,
