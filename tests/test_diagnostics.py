@@ -81,3 +81,34 @@ def test_diagnostics_see_collapsed_usage():
     assert a["fraction_used"] == pytest.approx(16 / layer.cfg.n_values)
     assert a["fraction_used"] < b["fraction_used"]
     assert a["kl_uniform"] > b["kl_uniform"] and a["gini"] > b["gini"]
+
+
+def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
+    import json
+
+    from ultramem.cli import main
+    from ultramem.train.config import TrainConfig
+    from ultramem.train.metrics import read_metrics
+    from ultramem.train.trainer import Trainer
+
+    cfg = ModelConfig.preset("tiny").replace(
+        n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
+        memory={"n_keys": 16, "key_dim": 16, "top_m": 8, "value_dim": 16, "pre_value_dim": 16,
+                "init_samples": 256})
+    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup=1, eval_every=4,
+                       eval_batches=1, ckpt_every=4, log_every=1, tensorboard=False,
+                       plot=False, device="cpu", threads=1)
+    run = tmp_path / "run"
+    Trainer(cfg, tcfg, run, show_progress=False).fit()
+    last = read_metrics(run)[-1]
+    assert 0 < last["mem/preselect_recall"] <= 1 and 0 <= last["mem/neg_quadrant_share"] <= 1
+    assert main(["diagnose", "--checkpoint", str(run), "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "64 tokens; 2 sparse layers" in out and "ultramem_v2" in out and "recall" in out
+    assert main(["diagnose", "--checkpoint", str(run), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert len(layers) == 2
+    assert all(0 < s["preselect_recall"] <= 1 and len(s["tucker_singular_values"]) == 2
+               for s in layers)
+    assert main(["diagnose", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "ultramem diagnose:" in capsys.readouterr().err

@@ -110,3 +110,57 @@ def test_inference_cache_follows_parameter_updates():
     torch.testing.assert_close(cached[0], fresh[0].detach())
     assert torch.equal(cached[1], fresh[1])
     assert not torch.equal(cached[1], first[1])
+
+
+@pytest.mark.parametrize("rank,cores", [(1, 1), (2, 2), (3, 2)])
+def test_both_ends_is_exact_when_rowcol_topk_is_n(rank, cores):
+    layer = _layer(tucker_rank=rank, n_cores=cores, rowcol_topk=12, value_dim=12,
+                   preselect="both_ends")
+    u = torch.randn(40, 24)
+    scores, rows = layer.retrieve(u)
+    best = layer.grid_scores(u).flatten(1).topk(8, dim=-1)
+    torch.testing.assert_close(scores.sum(-1), best.values, rtol=1e-5, atol=1e-5)
+    for got, want in zip(layer.cells_of_rows(rows).sort(-1).values,
+                         best.indices.sort(-1).values, strict=True):
+        assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("kr", [3, 7, 10])  # below, just above and well above n / 2
+def test_both_ends_candidates_are_distinct_and_scored_exactly(kr):
+    layer = _layer(rowcol_topk=kr, preselect="both_ends")
+    u = torch.randn(64, 24)
+    scores, rows = layer.retrieve(u)
+    cells = layer.cells_of_rows(rows)
+    assert all(len(set(c.tolist())) == 8 for c in cells)  # no cell twice
+    grid = layer.grid_scores(u).flatten(1)
+    torch.testing.assert_close(scores.sum(-1), grid.gather(1, cells), rtol=1e-5, atol=1e-5)
+    assert (scores.sum(-1)[:, 1:] <= scores.sum(-1)[:, :-1]).all()  # sorted
+
+
+def test_both_ends_recovers_the_negative_quadrant():
+    """Rank-1 pre-selection misses the exact top-m cells whose row and column factors are both
+    negative; taking both ends of the rankings finds them (diagnostics.preselect_recall)."""
+    from ultramem import LM, ModelConfig
+    from ultramem.diagnostics import layer_inputs, preselect_recall
+
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    recall = {}
+    for scheme in ("rank1", "both_ends"):
+        model = LM(ModelConfig.preset("tiny").replace(memory={"preselect": scheme}), seed=0)
+        inputs = layer_inputs(model, idx)
+        stats = [preselect_recall(layer, inputs[i])
+                 for i, layer in enumerate(model.memory_layers())]
+        recall[scheme] = [s["preselect_recall"] for s in stats]
+        assert all(0 < s["neg_quadrant_share"] < 1 for s in stats)
+        print(scheme, [round(r, 3) for r in recall[scheme]])
+    assert min(recall["both_ends"]) >= 0.95
+    assert sum(recall["rank1"]) / 4 < 0.9  # the blind spot this option exists for
+
+
+def test_preselect_recall_is_one_when_exact():
+    from ultramem.diagnostics import preselect_recall
+
+    layer = _layer(rowcol_topk=12)
+    assert preselect_recall(layer, torch.randn(50, 24))["preselect_recall"] == 1.0
+    with pytest.raises(ValueError, match="preselect"):
+        layer.keys.select(torch.randn(2, 2, 12), torch.randn(2, 2, 12), 8, 4, "sideways")

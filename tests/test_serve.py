@@ -25,7 +25,8 @@ def _layer_cfg(tiny_cfg, **memory):
 
 
 @pytest.mark.parametrize("memory", [{}, {"shared_rank_query": True}, {"pre_value_dim": 0},
-                                    {"n_cores": 1, "tucker_rank": 3}, {"share_group": 2}])
+                                    {"n_cores": 1, "tucker_rank": 3}, {"share_group": 2},
+                                    {"preselect": "both_ends"}])
 @torch.no_grad()
 def test_decode_step_equals_forward(tiny_cfg, memory):
     cfg = tiny_cfg.replace(n_layers=2, memory=memory)

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ultramem.commands.train",      # train
     "ultramem.commands.eval",       # eval, study
     "ultramem.commands.generate",   # generate
+    "ultramem.commands.diagnose",   # diagnose
     "ultramem.commands.export",     # export (Hugging Face)
 )
 

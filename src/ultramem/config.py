@@ -62,6 +62,10 @@ def _as_tuple(obj: Any, name: str) -> None:
         object.__setattr__(obj, name, tuple(value))
 
 
+# Row/column pre-selection schemes of UltraMemV2 retrieval (`TuckerProductKeys.select`).
+PRESELECT: tuple[str, ...] = ("rank1", "both_ends")
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """The UltraMemV2 memory layer (REFERENCE.md section 2). Names follow the paper.
@@ -81,6 +85,9 @@ class MemoryConfig:
     sparse_grad: value and pre-value tables receive sparse (touched rows only) gradients.
     init_samples: Monte Carlo tokens used to calibrate the score scale at init.
     seed: seeds the fixed shuffle permutation (layer i uses seed + i).
+    preselect: "rank1" (the paper's pre-selection: top rowcol_topk rows and columns of the rank-1
+    ranking) or "both_ends" (also the bottom rowcol_topk of each, paired: reaches the (-, -)
+    quadrant that rank-1 pre-selection misses; twice the candidates).
     """
 
     kind: str = "ultramem_v2"
@@ -104,11 +111,14 @@ class MemoryConfig:
     sparse_grad: bool = False
     init_samples: int = 2048
     seed: int = 0
+    preselect: str = "rank1"
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         _require(self.kind == "ultramem_v2", "kind", f"must be 'ultramem_v2', got {self.kind!r}")
+        _require(self.preselect in PRESELECT, "preselect",
+                 f"must be 'rank1' (the paper's) or 'both_ends', got {self.preselect!r}")
         _positive_ints(
             self,
             ("n_keys", "key_dim", "tucker_rank", "n_cores", "top_m", "value_dim",

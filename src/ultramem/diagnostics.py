@@ -4,8 +4,11 @@ Given a sparse layer and a batch of its inputs, re-run only its selection and re
 memory is used: the fraction of value rows read at least once, the KL divergence of row usage to
 uniform, the Gini coefficient of usage, the mean/std of the selected scores, the Tucker cores'
 singular values (UltraMem v1/v2); for an MoE, the load of each expert.
+For UltraMemV2 layers also the pre-selection recall against brute force and the share of the
+exact top-m in the (-, -) quadrant (`preselect_recall`).
 `model_diagnostics(model, idx)` captures every sparse layer's input with hooks and does this for
-each one. The trainer reads these; layers never compute them on their own.
+each one; the trainer logs the recall at eval steps and `ultramem diagnose` prints all of it.
+Layers never compute them on their own.
 """
 
 from __future__ import annotations
@@ -82,9 +85,30 @@ def tucker_singular_values(layer: nn.Module) -> Tensor | None:
 
 
 @torch.no_grad()
+def preselect_recall(layer: nn.Module, u: Tensor, max_tokens: int = 128) -> dict[str, float]:
+    """How much of the exact top-m an UltraMemV2 layer's retrieval finds, on up to max_tokens
+    tokens of u [..., h]: `preselect_recall` (share of the exact top-m cells, by brute force over
+    all n^2 grid scores, that `retrieve` returns) and `neg_quadrant_share` (share of the exact
+    top-m cells whose rank-1 row and column factors u^T S_row, v^T S_col are both negative: the
+    quadrant rank-1 pre-selection never looks at, REFERENCE.md section 10)."""
+    x = u.reshape(-1, layer.d_model)[:max_tokens]
+    m, n = layer.cfg.top_m, layer.cfg.n_keys
+    _, rows = layer.retrieve(x)
+    cells = layer.cells_of_rows(rows)  # [T, m]
+    s_row, s_col = layer.keys.row_col_scores(layer._queries(x))  # [T, r, n] each
+    exact = layer.keys.grid_scores(s_row, s_col).flatten(1).topk(m, dim=-1).indices  # [T, m]
+    found = (exact.unsqueeze(2) == cells.unsqueeze(1)).any(2)  # [T, m]
+    u_dir, v_dir = layer.keys.directions()
+    a, b = torch.matmul(u_dir, s_row), torch.matmul(v_dir, s_col)  # [T, n]
+    neg = (a.gather(1, exact // n) < 0) & (b.gather(1, exact % n) < 0)
+    return {"preselect_recall": float(found.double().mean()),
+            "neg_quadrant_share": float(neg.double().mean())}
+
+
+@torch.no_grad()
 def layer_diagnostics(layer: nn.Module, u: Tensor) -> dict[str, Any]:
     """Usage and score statistics of one sparse layer on inputs u [..., h]."""
-    from ultramem.layers import MoELayer
+    from ultramem.layers import MoELayer, UltraMemV2Layer
 
     if isinstance(layer, MoELayer):
         load = expert_load(layer, u)
@@ -101,12 +125,38 @@ def layer_diagnostics(layer: nn.Module, u: Tensor) -> dict[str, Any]:
     sv = tucker_singular_values(layer)
     if sv is not None:
         stats["tucker_singular_values"] = sv.tolist()
+    if isinstance(layer, UltraMemV2Layer):
+        stats.update(preselect_recall(layer, u))
     return stats
 
 
 @torch.no_grad()
 def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
     """`layer_diagnostics` for every sparse layer of an `ultramem.LM` on the batch idx [B, T]."""
+    inputs = layer_inputs(model, idx)
+    return [layer_diagnostics(layer, inputs[i]) for i, layer in enumerate(model.memory_layers())]
+
+
+@torch.no_grad()
+def retrieval_recall(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> dict[str, float]:
+    """`preselect_recall` averaged over the UltraMemV2 layers of `model` on the batch idx, as
+    `mem/preselect_recall` and `mem/neg_quadrant_share` (the trainer logs them at eval steps);
+    empty for a model without UltraMemV2 layers."""
+    from ultramem.layers import UltraMemV2Layer
+
+    layers = model.memory_layers()
+    if not any(isinstance(layer, UltraMemV2Layer) for layer in layers):
+        return {}
+    inputs = layer_inputs(model, idx)
+    stats = [preselect_recall(layer, inputs[i], max_tokens) for i, layer in enumerate(layers)
+             if isinstance(layer, UltraMemV2Layer)]
+    return {f"mem/{key}": sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, idx: Tensor) -> dict[int, Tensor]:
+    """The input of each sparse layer (by position in `model.memory_layers()`) in an eval
+    forward of idx [B, T]."""
     layers = model.memory_layers()
     inputs: dict[int, Tensor] = {}
     hooks = [layer.register_forward_pre_hook(
@@ -120,4 +170,4 @@ def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return [layer_diagnostics(layer, inputs[i]) for i, layer in enumerate(layers)]
+    return inputs

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ultramem.config import PRESELECT
 from ultramem.precision import float32_region
 
 
@@ -98,37 +99,71 @@ class TuckerProductKeys(nn.Module):
             core_sum = self.cores.float().sum(0)  # [r, r]
             return torch.einsum("tpi,pq,tqj->tij", s_row.float(), core_sum, s_col.float())
 
-    def select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int) -> tuple[Tensor, Tensor]:
+    def select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int,
+               preselect: str = "rank1") -> tuple[Tensor, Tensor]:
         """Pre-select kr rows and columns, score kr^2 cells exactly, keep the top m.
+
+        preselect "rank1" (the paper's): the top kr rows by u^T S_row and columns by v^T S_col.
+        "both_ends": also the bottom kr of each ranking, paired with each other (2 kr^2
+        candidates): the summed score is close to sigma_1 (u^T S_row)(v^T S_col), as large when
+        both factors are strongly negative, a quadrant rank-1 pre-selection never looks at
+        (REFERENCE.md section 10). Both are exact with kr = n.
 
         Returns per-core scores [T, m, c] (sorted by their sum, descending) and grid cells
         [T, m] as i * n + j.
         """
+        if preselect not in PRESELECT:
+            raise ValueError(f"preselect must be one of {PRESELECT}, got {preselect!r}")
         with float32_region(s_row.device.type):  # scoring and top-m stay float32 (no ties)
-            return self._select(s_row.float(), s_col.float(), top_m, kr)
+            return self._select(s_row.float(), s_col.float(), top_m, kr, preselect)
 
-    def _select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int) -> tuple[Tensor, Tensor]:
+    def _select(self, s_row: Tensor, s_col: Tensor, top_m: int, kr: int,
+                preselect: str) -> tuple[Tensor, Tensor]:
         t, r, n = s_row.shape
-        cores = self.cores.float()  # [c, r, r]
         u, v = self.directions()
-        # Choosing cells needs no gradient: rank the kr x kr candidates by their summed score.
+        # Choosing cells needs no gradient: rank the candidates by their summed score.
         with torch.no_grad():
+            a, b = torch.matmul(u, s_row), torch.matmul(v, s_col)  # [T, n] rank-1 factors
             # which kr, not their order, matters here: unsorted top-k is ~25% cheaper on CPU
-            row_idx = torch.matmul(u, s_row).topk(kr, dim=-1, sorted=False).indices  # [T, kr]
-            col_idx = torch.matmul(v, s_col).topk(kr, dim=-1, sorted=False).indices  # [T, kr]
-            s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-            s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
-            # G(i, j) = S_row[:, i]^T (sum_k C_k) S_col[:, j] for the candidates, as r outer
-            # products (a batched matmul with inner size r is several times slower on CPU)
-            core_col = torch.matmul(cores.sum(0), s_col_k)  # [T, r, kr]
-            cand = s_row_k[:, 0, :, None] * core_col[:, 0, None, :]  # [T, kr, kr]
-            for p in range(1, r):
-                cand.addcmul_(s_row_k[:, p, :, None], core_col[:, p, None, :])
-            pos = cand.view(t, kr * kr).topk(top_m, dim=-1).indices  # [T, m]
-            rows = row_idx.gather(1, torch.div(pos, kr, rounding_mode="floor"))  # [T, m]
-            cols = col_idx.gather(1, pos % kr)  # [T, m]
+            row_idx = a.topk(kr, dim=-1, sorted=False).indices  # [T, kr]
+            col_idx = b.topk(kr, dim=-1, sorted=False).indices  # [T, kr]
+            cand = self._candidates(s_row, s_col, row_idx, col_idx)  # [T, kr * kr]
+            if preselect == "rank1" or kr == n:
+                pos = cand.topk(top_m, dim=-1).indices  # [T, m]
+                rows = row_idx.gather(1, torch.div(pos, kr, rounding_mode="floor"))  # [T, m]
+                cols = col_idx.gather(1, pos % kr)  # [T, m]
+            else:  # both ends: the (-, -) quadrant's kr x kr candidates too
+                row_lo = a.topk(kr, dim=-1, largest=False, sorted=False).indices  # [T, kr]
+                col_lo = b.topk(kr, dim=-1, largest=False, sorted=False).indices  # [T, kr]
+                low = self._candidates(s_row, s_col, row_lo, col_lo)  # [T, kr * kr]
+                # with kr > n / 2 the two blocks share cells: keep each once (the first block's)
+                top_row = torch.zeros_like(a, dtype=torch.bool).scatter_(1, row_idx, True)
+                top_col = torch.zeros_like(b, dtype=torch.bool).scatter_(1, col_idx, True)
+                dup = top_row.gather(1, row_lo).unsqueeze(2) & top_col.gather(1, col_lo)[:, None]
+                low.masked_fill_(dup.view(t, -1), float("-inf"))
+                pos = torch.cat([cand, low], 1).topk(top_m, dim=-1).indices  # [T, m]
+                block, pos = torch.div(pos, kr * kr, rounding_mode="floor"), pos % (kr * kr)
+                i, j = torch.div(pos, kr, rounding_mode="floor"), pos % kr
+                rows = torch.where(block == 0, row_idx.gather(1, i), row_lo.gather(1, i))
+                cols = torch.where(block == 0, col_idx.gather(1, j), col_lo.gather(1, j))
         # Per-core scores of the m chosen cells, with gradients: G_k = S_row[:, i]^T C_k S_col[:, j]
         return self.cell_scores(s_row, s_col, rows, cols), rows * n + cols
+
+    def _candidates(self, s_row: Tensor, s_col: Tensor, row_idx: Tensor,
+                    col_idx: Tensor) -> Tensor:
+        """Summed Tucker scores of the cells row_idx x col_idx ([T, kr] each) -> [T, kr * kr].
+
+        G(i, j) = S_row[:, i]^T (sum_k C_k) S_col[:, j] as r outer products (a batched matmul
+        with inner size r is several times slower on CPU)."""
+        t, r, _ = s_row.shape
+        kr = row_idx.shape[1]
+        s_row_k = s_row.gather(2, row_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+        s_col_k = s_col.gather(2, col_idx.unsqueeze(1).expand(t, r, kr))  # [T, r, kr]
+        core_col = torch.matmul(self.cores.float().sum(0), s_col_k)  # [T, r, kr]
+        cand = s_row_k[:, 0, :, None] * core_col[:, 0, None, :]  # [T, kr, kr]
+        for p in range(1, r):
+            cand.addcmul_(s_row_k[:, p, :, None], core_col[:, p, None, :])
+        return cand.view(t, kr * kr)
 
     def cell_scores(self, s_row: Tensor, s_col: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Per-core Tucker scores G_k(i, j) of the cells (rows[t, s], cols[t, s]) -> [T, m, c].

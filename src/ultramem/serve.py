@@ -111,6 +111,10 @@ class UltraMemV2Decode:
         if cfg.shared_rank_query:
             q = q.view(2, 1, t, dk).expand(2, r, t, dk).reshape(2 * r, t, dk)
         s = torch.bmm(q, self.keys_t).view(2, r, t, n)  # [2, r, T, n]: S_row, S_col
+        if cfg.preselect != "rank1":  # other schemes: the layer's own selection
+            scores, cells = layer.keys.select(s[0].transpose(0, 1), s[1].transpose(0, 1), m, kr,
+                                              cfg.preselect)
+            return scores, layer.perm[cells], xp
         # rank-1 pre-selection of rows (u) and columns (v) in one topk
         idx = (s * self.dirs).sum(1).topk(kr, dim=-1).indices  # [2, T, kr]
         sk = s.gather(3, idx.unsqueeze(1).expand(2, r, t, kr))  # [2, r, T, kr]

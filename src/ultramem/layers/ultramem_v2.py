@@ -120,7 +120,8 @@ class UltraMemV2Layer(nn.Module):
 
     def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s_row, s_col = self.keys.row_col_scores(self._queries(x))  # [T, r, n] each
-        scores, cells = self.keys.select(s_row, s_col, self.cfg.top_m, self.cfg.topk)
+        scores, cells = self.keys.select(s_row, s_col, self.cfg.top_m, self.cfg.topk,
+                                         self.cfg.preselect)
         return scores, self.perm[cells], s_row, s_col  # [T, m, c], [T, m]
 
     def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:

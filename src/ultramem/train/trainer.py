@@ -24,6 +24,7 @@ from torch import nn
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
 from ultramem.data.shards import BatchOrder, TokenShards, read_meta
+from ultramem.diagnostics import retrieval_recall
 from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.config import TrainConfig
@@ -207,6 +208,16 @@ class Trainer:
         self.model.train()
         return float(self.dist.mean(total / self.cfg.eval_batches))
 
+    @torch.no_grad()
+    def retrieval_diagnostics(self) -> dict[str, float]:
+        """mem/preselect_recall and mem/neg_quadrant_share of the UltraMemV2 layers on the first
+        validation batch (`ultramem.diagnostics.retrieval_recall`). Skipped under FSDP with
+        several ranks, where a layer's weights are sharded outside its forward."""
+        if self.val_order is None or (self.cfg.parallel == "fsdp" and self.dist.world > 1):
+            return {}
+        x, _ = self.val_order.batch(0)
+        return retrieval_recall(self.model, x.to(self.device))
+
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (or a skipped one); returns its numbers."""
         cfg = self.cfg
@@ -284,6 +295,7 @@ class Trainer:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
                         row["eval_loss"] = eval_loss
+                        row.update(self.retrieval_diagnostics())
                         log_now = True
                 if log_now and logger is not None:
                     logger.log(row)
