@@ -164,3 +164,22 @@ def test_preselect_recall_is_one_when_exact():
     assert preselect_recall(layer, torch.randn(50, 24))["preselect_recall"] == 1.0
     with pytest.raises(ValueError, match="preselect"):
         layer.keys.select(torch.randn(2, 2, 12), torch.randn(2, 2, 12), 8, 4, "sideways")
+
+
+def test_directions_are_computed_once_per_change_of_the_cores(monkeypatch):
+    from ultramem import retrieval
+
+    layer = _layer()
+    calls = []
+    real = retrieval.rank1_directions
+    monkeypatch.setattr(retrieval, "rank1_directions", lambda c: calls.append(1) or real(c))
+    u = torch.randn(6, 24)
+    for _ in range(3):  # micro-batches with gradients: one SVD
+        layer(u).sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.keys.cores.mul_(-1.0)  # an optimizer step changes the cores in place
+    layer(u).sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(torch.stack(layer.keys.directions()),
+                               torch.stack(real(layer.keys.cores)))

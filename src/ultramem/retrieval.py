@@ -56,12 +56,14 @@ class TuckerProductKeys(nn.Module):
         self.cores = nn.Parameter(torch.empty(n_cores, tucker_rank, tucker_rank))
         self.query_gain = nn.Parameter(torch.ones(key_dim))
         self.key_gain = nn.Parameter(torch.ones(key_dim))
-        self._frozen: dict[str, tuple] = {}  # inference-only cache: name -> (stamp, value)
+        self._frozen: dict[str, tuple] = {}  # name -> (stamp, value)
 
-    def _cached(self, name: str, compute):
-        """compute(), reused without gradients (decoding) until keys, key gain or cores change
-        (in place, e.g. an optimizer step or a load, or by moving to another device/dtype)."""
-        if torch.is_grad_enabled():
+    def _cached(self, name: str, compute, *, also_with_grad: bool = False):
+        """compute(), reused until keys, key gain or cores change (in place, e.g. an optimizer
+        step or a load, or by moving to another device/dtype). Only without gradients (decoding)
+        unless also_with_grad: a value that carries no gradient (the pre-selection directions)
+        is then computed once per optimizer step, not once per forward and micro-batch."""
+        if torch.is_grad_enabled() and not also_with_grad:
             return compute()
         params = (self.keys, self.key_gain, self.cores)
         stamp = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
@@ -75,8 +77,10 @@ class TuckerProductKeys(nn.Module):
         return self._cached("keys", lambda: rms_norm(self.keys, self.key_gain))
 
     def directions(self) -> tuple[Tensor, Tensor]:
-        """The sign-fixed rank-1 pre-selection pair (u, v) of the summed cores."""
-        return self._cached("directions", lambda: rank1_directions(self.cores))
+        """The sign-fixed rank-1 pre-selection pair (u, v) of the summed cores (no gradient;
+        recomputed only when the cores change)."""
+        return self._cached("directions", lambda: rank1_directions(self.cores),
+                            also_with_grad=True)
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -191,7 +195,7 @@ class TuckerProductKeys(nn.Module):
 
     def balance_loss(self, s_row: Tensor, s_col: Tensor, kr: int, beta: float) -> Tensor:
         """beta * n * sum_i f_i p_i over the rank-1 row and column rankings (summed)."""
-        u, v = rank1_directions(self.cores)
+        u, v = self.directions()
         total = s_row.new_zeros(())
         for direction, scores in ((u, s_row), (v, s_col)):
             logits = torch.einsum("r,trn->tn", direction, scores)  # [T, n]
