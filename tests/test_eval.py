@@ -154,3 +154,10 @@ def test_fact_world_reports_bits(tiny_model):
     oracle = Oracle(seqs)
     perfect = score_examples(oracle, TOK, exs)
     assert perfect["correct"] == 48
+
+
+def test_eval_command_rejects_zero_examples(tmp_path, capsys):
+    from ultramem.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--n", "0"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err

@@ -73,3 +73,11 @@ def test_presets_command_prints_every_preset(capsys):
     assert main(["presets", "--family", "tiny/"]) == 0
     out = capsys.readouterr().out
     assert "tiny/moe" in out and "small/moe" not in out
+
+
+def test_presets_command_rejects_an_unknown_family(capsys):
+    assert main(["presets", "--family", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and "227m" in err
+    assert main(["presets", "--family", "tiny"]) == 0
+    assert "tiny/moe" in capsys.readouterr().out

@@ -287,7 +287,9 @@ def _train_argv(out, steps: int, *extra: str) -> list[str]:
 def test_train_cli_writes_metrics_plot_and_tensorboard(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(_train_argv(out, 10)) == 0
-    assert "done: 10 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "done: 10 steps" in printed
+    assert f"checkpoint: {out / 'checkpoints' / 'step_00000010'}" in printed
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [2, 4, 5, 6, 8, 10]
     for key in ("loss", "lr", "value_lr", "tokens_per_s", "grad_norm", "mem/coverage",

@@ -76,6 +76,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ultramem.eval.run import evaluate_checkpoint, results_table, write_results
     from ultramem.train.checkpoint import read_config
 
+    if args.n < 1:
+        print(f"ultramem eval: --n must be >= 1 (examples per task), got {args.n}",
+              file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

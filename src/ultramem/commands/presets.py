@@ -5,6 +5,7 @@ token and the weight bytes one decode step reads at batch 1 and 64 (bf16), from
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from ultramem.config import PRESETS
 
     names = [n for n in PRESETS if args.family is None or n.startswith(args.family)]
+    if not names:
+        families = sorted({n.split("/")[0] for n in PRESETS})
+        print(f"ultramem presets: no preset name starts with {args.family!r}; names start with "
+              f"one of {families}", file=sys.stderr)
+        return 2
     print("\n".join(table(names)))
     print("FLOPs: forward, context = max_seq_len. dec: weight bytes read per decode step at "
           "batch B (bf16), total (sparse part)")

@@ -108,8 +108,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"ultramem train: {err}", file=sys.stderr)
         return 2
     if trainer.rank0:
+        from ultramem.train.checkpoint import latest_checkpoint
+
         ev = summary["eval_loss"]
         print(f"done: {summary['steps']} steps, train loss {summary['final_loss']:.4f}"
               + (f", eval loss {ev:.4f}" if ev is not None else "")
               + f", {summary['skipped_steps']} skipped; outputs in {summary['out']}")
+        last = latest_checkpoint(Path(summary["out"]) / "checkpoints")
+        if last is not None:
+            print(f"checkpoint: {last}")
     return 0
