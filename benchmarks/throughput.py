@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode import _commit  # the sibling benchmark script (benchmarks/ is on sys.path)
 
 from ultramem.config import ModelConfig
 from ultramem.precision import cpu_has_fast_bf16, resolve_precision
@@ -150,7 +151,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"fast bf16 on CPU: {cpu_has_fast_bf16()}",
-        "torch": torch.__version__, "family": args.family, "archs": args.archs,
+        "torch": torch.__version__, "commit": _commit(), "family": args.family, "archs": args.archs,
         "precisions": args.precisions,
         "resolved": {p: resolve_precision(p, "cpu") for p in args.precisions},
         "threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -86,16 +86,20 @@ def test_bf16_serving_retrieves_the_fp32_rows(tiny_cfg):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-@torch.no_grad()
-def test_bf16_model_logits_close(tiny_cfg):
+def _served(tiny_cfg, dtype: str):
+    """(float32 model, its served copy, float32 logits, served logits) on a fixed batch."""
     model = LM(tiny_cfg, seed=0).eval()
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    ref, _ = model(idx)
-    served = prepare_for_serving(copy.deepcopy(model), "bf16")
+    served = prepare_for_serving(copy.deepcopy(model), dtype)
+    return model, served, model(idx)[0], served(idx)[0]
+
+
+@torch.no_grad()
+def test_bf16_model_logits_close(tiny_cfg):
+    model, served, ref, out = _served(tiny_cfg, "bf16")
     if packed_bf16_supported():
         assert isinstance(served.blocks[0].ffn.up, PackedLinear)
         assert isinstance(served.head, PackedLinear)
-    out, _ = served(idx)
     assert out.dtype == torch.bfloat16
     # Measured 5.9% (a plain .to(bfloat16) of the same model: 7.5%; the dense model: 0.9%): the
     # bf16 residual stream moves memory-layer inputs, and a near-tie retrieval flips a row.
@@ -117,13 +121,9 @@ def _has_int8_kernel() -> bool:
 @pytest.mark.skipif(not _has_int8_kernel(), reason="no _weight_int8pack_mm kernel")
 @torch.no_grad()
 def test_int8_serving_logit_error_small(tiny_cfg):
-    model = LM(tiny_cfg, seed=0).eval()
-    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    ref, _ = model(idx)
-    served = prepare_for_serving(copy.deepcopy(model), "int8")
+    _, served, ref, out = _served(tiny_cfg, "int8")
     assert isinstance(served.blocks[0].attn.qkv, Int8Linear)
     assert isinstance(served.head, Int8Linear)  # tied embeddings: an int8 copy for the head
-    out, _ = served(idx)
     # as bf16 (measured 7%): retrieval flips from the bf16 residual dominate the int8 error
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.1
     lin = torch.nn.Linear(64, 48, bias=False)

@@ -18,13 +18,13 @@ The decode step (used only without gradients, see `UltraMemV2Layer.forward`), pe
   qp       = [W_q; W_pre] x                     one float32 GEMM -> queries and W_pre x
                                                 (packed: W_q x float32, W_pre x packed bf16)
   S        = RMSNorm(q) . K_normed              one bmm against cached float32 normed keys
-  rank     = (u, v) . S  -> top kr rows, cols   one topk for rows and columns together
-  cand     = S_row^T C_k S_col on kr x kr       two matmuls, every core
-  top m    = topk of sum_k cand                 -> per-core scores, grid cells, perm -> rows
+  top m    = TuckerProductKeys.select(S_row, S_col)   pre-selection, candidates, top m, as in
+                                                training (one home for that math)
   y        = memory_read(values, pre_values, rows, scores, W_pre x)   (embedding_bag)
   out      = W_out y                            float32 (packed: bf16), in the input's dtype
-The math is `TuckerProductKeys.row_col_scores` + `select` with fewer ops; tests hold the two
-equal. Cached tensors are rebuilt when a parameter they come from changes (version counter).
+The scores are `TuckerProductKeys.row_col_scores` with fewer ops (query gain folded into the
+cached keys); tests hold the two equal. Cached tensors are rebuilt when a parameter they come
+from changes (version counter).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ultramem.layers.ultramem_v2 import UltraMemV2Layer
 from ultramem.ops import memory_read
-from ultramem.retrieval import rank1_directions, rms_norm
+from ultramem.retrieval import rms_norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 
@@ -65,7 +65,7 @@ class UltraMemV2Decode:
     @torch.no_grad()
     def refresh(self) -> None:
         """Rebuild the caches: [W_q; W_pre] (float32; W_q alone when packed, with W_pre and W_out
-        packed bf16), normed keys * query gain, (u, v) and cores, all float32."""
+        packed bf16), normed keys * query gain, float32."""
         layer, cfg = self.layer, self.layer.cfg
         keys = layer.keys
         r, dk = cfg.tucker_rank, cfg.key_dim
@@ -82,9 +82,6 @@ class UltraMemV2Decode:
         # <RMSNorm(q) * g_q, RMSNorm(k) * g_k> = <q / rms(q), g_q * RMSNorm(k) * g_k>
         kn = rms_norm(keys.keys.float(), keys.key_gain) * keys.query_gain.float()  # [2, r, n, Dk]
         self.keys_t = kn.transpose(-1, -2).reshape(2 * r, dk, -1).contiguous()  # [2r, Dk, n]
-        u, v = rank1_directions(keys.cores)
-        self.dirs = torch.stack([u, v]).view(2, r, 1, 1)  # [2, r, 1, 1]
-        self.cores = keys.cores.detach().float().contiguous()  # [c, r, r]
         self.eps = 1e-6  # as in rms_norm
         self._stamp = self._current_stamp()
 
@@ -97,7 +94,7 @@ class UltraMemV2Decode:
         if self._stamp != self._current_stamp():
             self.refresh()
         layer, cfg = self.layer, self.layer.cfg
-        r, dk, n, c = cfg.tucker_rank, cfg.key_dim, cfg.n_keys, cfg.n_cores
+        r, dk, n = cfg.tucker_rank, cfg.key_dim, cfg.n_keys
         kr, m = cfg.topk, cfg.top_m
         t = x.shape[0]
         qp = F.linear(x.float(), self.w_in)  # [T, n_query (+ Dp)]
@@ -111,23 +108,10 @@ class UltraMemV2Decode:
         if cfg.shared_rank_query:
             q = q.view(2, 1, t, dk).expand(2, r, t, dk).reshape(2 * r, t, dk)
         s = torch.bmm(q, self.keys_t).view(2, r, t, n)  # [2, r, T, n]: S_row, S_col
-        if cfg.preselect != "rank1":  # other schemes: the layer's own selection
-            scores, cells = layer.keys.select(s[0].transpose(0, 1), s[1].transpose(0, 1), m, kr,
-                                              cfg.preselect)
-            return scores, layer.perm[cells], xp
-        # rank-1 pre-selection of rows (u) and columns (v) in one topk
-        idx = (s * self.dirs).sum(1).topk(kr, dim=-1).indices  # [2, T, kr]
-        sk = s.gather(3, idx.unsqueeze(1).expand(2, r, t, kr))  # [2, r, T, kr]
-        # cand[k, t, i, j] = S_row[:, i]^T C_k S_col[:, j] over the kr x kr candidates
-        core_col = torch.matmul(self.cores, sk[1].reshape(r, t * kr)).view(c, r, t, kr)
-        cand = torch.matmul(sk[0].permute(1, 2, 0).unsqueeze(0),  # [1, T, kr, r]
-                            core_col.transpose(1, 2))  # [c, T, r, kr] -> [c, T, kr, kr]
-        cand = cand.view(c, t, kr * kr)
-        pos = cand.sum(0).topk(m, dim=-1).indices  # [T, m]
-        scores = cand.gather(2, pos.unsqueeze(0).expand(c, t, m)).permute(1, 2, 0)  # [T, m, c]
-        rows = idx[0].gather(1, pos.div(kr, rounding_mode="floor"))  # [T, m]
-        cols = idx[1].gather(1, pos.remainder(kr))  # [T, m]
-        return scores, layer.perm[rows * n + cols], xp
+        # pre-selection, candidate scoring and top-m: the layer's own (`TuckerProductKeys.select`)
+        scores, cells = layer.keys.select(s[0].transpose(0, 1), s[1].transpose(0, 1), m, kr,
+                                          cfg.preselect)  # [T, m, c], [T, m]
+        return scores, layer.perm[cells], xp
 
     def __call__(self, u: Tensor) -> Tensor:
         layer = self.layer
