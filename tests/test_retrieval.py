@@ -5,7 +5,7 @@ import torch
 
 from ultramem import MemoryConfig, UltraMemV2Layer
 from ultramem.init import init_memory_layer
-from ultramem.retrieval import rank1_directions
+from ultramem.retrieval import leading_singular_pair, rank1_directions
 
 
 def _layer(**kw) -> UltraMemV2Layer:
@@ -172,7 +172,7 @@ def test_directions_are_computed_once_per_change_of_the_cores(monkeypatch):
     layer = _layer()
     calls = []
     real = retrieval.rank1_directions
-    monkeypatch.setattr(retrieval, "rank1_directions", lambda c: calls.append(1) or real(c))
+    monkeypatch.setattr(retrieval, "rank1_directions", lambda *a: calls.append(1) or real(*a))
     u = torch.randn(6, 24)
     for _ in range(3):  # micro-batches with gradients: one SVD
         layer(u).sum().backward()
@@ -183,3 +183,100 @@ def test_directions_are_computed_once_per_change_of_the_cores(monkeypatch):
     assert len(calls) == 2
     torch.testing.assert_close(torch.stack(layer.keys.directions()),
                                torch.stack(real(layer.keys.cores)))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 6])
+def test_leading_singular_pair_matches_svd(r):
+    gen = torch.Generator().manual_seed(r)
+    mats = [torch.randn(r, r, generator=gen) for _ in range(20)]
+    mats += [torch.diag(torch.linspace(1.0, 0.1, r)), -torch.eye(r) * 3 + 0.01 * mats[0]]
+    for m in mats:
+        u, v = leading_singular_pair(m)
+        left, sv, right_h = torch.linalg.svd(m.double())
+        assert abs(float(u @ m @ v) - float(sv[0])) < 1e-5 * max(1.0, float(sv[0]))
+        # the same pair as the SVD, up to the joint sign
+        sign = torch.sign(torch.dot(u.double(), left[:, 0]))
+        torch.testing.assert_close(u.double() * sign, left[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v.double() * sign, right_h[0], atol=1e-5, rtol=0)
+    u, v = leading_singular_pair(torch.zeros(r, r))  # no direction at all: still a unit pair
+    assert float(u.norm()) == pytest.approx(1.0) and float(v.norm()) == pytest.approx(1.0)
+
+
+def _rotated_cores(degrees: float) -> torch.Tensor:
+    """Two cores summing to R(phi) diag(1, 1/4): the leading u is (cos phi, sin phi)."""
+    phi = torch.tensor(degrees).deg2rad()
+    rot = torch.stack([torch.stack([phi.cos(), -phi.sin()]), torch.stack([phi.sin(), phi.cos()])])
+    total = rot @ torch.diag(torch.tensor([1.0, 0.25]))
+    return torch.stack([total * 0.6, total * 0.4])
+
+
+def test_direction_sign_is_continuous_where_the_largest_entry_rule_jumps():
+    layer = _layer(rowcol_topk=4)
+    x = torch.randn(32, 24)
+    prev_u = prev_rows = None
+    jumps_old_rule = 0
+    for deg in range(0, -91, -1):  # u turns from (1, 0) to (0, -1), through the 45-degree line
+        with torch.no_grad():
+            layer.keys.cores.copy_(_rotated_cores(deg))
+            _, rows = layer.retrieve(x)
+        u, _ = layer.keys.directions()
+        old_u, _ = rank1_directions(layer.keys.cores)
+        if prev_u is not None:
+            assert float(u @ prev_u) > 0.99  # one degree apart, never flipped
+            jumps_old_rule += float(old_u @ prev_old) < 0
+            same = (rows.unsqueeze(2) == prev_rows.unsqueeze(1)).any(2).float().mean()
+            assert same > 0.5, deg
+        prev_u, prev_old, prev_rows = u, old_u, rows
+    assert jumps_old_rule == 1  # the rule it replaces flips once, at 45 degrees
+
+
+def test_direction_state_is_saved_and_reloads_identically():
+    layer = _layer(rowcol_topk=4)
+    x = torch.randn(32, 24)
+    for deg in range(0, -80, -5):  # past the line where a fresh model would take the other sign
+        with torch.no_grad():
+            layer.keys.cores.copy_(_rotated_cores(deg))
+        layer.keys.directions()
+    _, rows = layer.retrieve(x)
+    state = layer.state_dict()
+    assert "keys.direction_ref" in state
+    fresh = _layer(rowcol_topk=4)
+    fresh.load_state_dict(state)
+    _, rows_again = fresh.retrieve(x)
+    assert torch.equal(rows, rows_again)
+    torch.testing.assert_close(torch.stack(fresh.keys.directions()),
+                               torch.stack(layer.keys.directions()))
+    # a fresh model with the same cores but no history takes the other sign: the state matters
+    fresh.keys.direction_ref.zero_()
+    fresh.keys._frozen.clear()
+    assert float(fresh.keys.directions()[0] @ layer.keys.directions()[0]) < 0
+    # checkpoints written before the buffer existed still load (the rule starts afresh)
+    old = {k: v for k, v in state.items() if k != "keys.direction_ref"}
+    older = _layer(rowcol_topk=4)
+    older.load_state_dict(old)
+    assert float(older.keys.direction_ref.abs().sum()) == 0
+
+
+def test_both_ends_is_the_same_for_either_sign():
+    layer = _layer(rowcol_topk=3, preselect="both_ends")
+    x = torch.randn(32, 24)
+    _, rows = layer.retrieve(x)
+    u, v = layer.keys.directions()
+    stamp = layer.keys._frozen["directions"][0]
+    layer.keys._frozen["directions"] = (stamp, (-u, -v))  # the other sign of the same pair
+    _, rows_flipped = layer.retrieve(x)
+    assert torch.equal(rows.sort(-1).values, rows_flipped.sort(-1).values)
+
+
+def test_training_never_calls_a_host_synchronizing_svd(monkeypatch):
+    layer = _layer()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.linalg.svd in the forward pass")
+
+    monkeypatch.setattr(torch.linalg, "svd", refuse)
+    x = torch.randn(6, 24)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer.keys.cores.mul_(0.9)
+    layer(x).sum().backward()

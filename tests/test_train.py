@@ -247,6 +247,8 @@ def test_nan_step_is_skipped_counted_and_logged(tmp_path):
     t._zero_grad()
     assert row.get("skipped") is True and row["skipped_steps"] == 1
     for k, v in t.model.state_dict().items():
+        if k.endswith("direction_ref"):  # the forward's pre-selection direction (of the cores
+            continue  # step 0 left), recorded by the forward itself, not by the skipped update
         assert torch.equal(v, after_first[k]), f"{k} changed on a skipped step"
     assert all(torch.isfinite(v).all() for v in t.model.state_dict().values())
     summary = t.fit()  # continues from where the hook left off: steps 3, 4 are fine

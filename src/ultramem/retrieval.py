@@ -10,9 +10,16 @@ columns by v^T S_col[:, j]. The top `kr` of each give kr^2 candidates, scored ex
 of those are returned. With kr = n this is exactly brute force.
 
 Sign convention: a singular pair is defined up to a joint flip (u, v) -> (-u, -v), which would
-rank rows and columns in reverse. We fix it so that the entry of u with the largest magnitude is
-positive (the first such entry on ties), computed fresh from the cores at every call: there is no
-stale or zero pre-selection state to refresh.
+rank rows and columns in reverse. The sign is chosen for continuity: each layer keeps the last u it
+used in a buffer saved with the model (`TuckerProductKeys.direction_ref`), and a new pair takes the
+sign whose u is closest to it, so small changes of the cores never flip the ranking. The first pair
+(an all-zero buffer: a new model) takes the sign that makes the entry of u with the largest
+magnitude positive. A model reloaded from a checkpoint therefore retrieves exactly what it did
+when saved. ("both_ends" pre-selection is the same for either sign and needs none of this.)
+
+The pair is computed on the device without host synchronization (no `torch.linalg.svd`, whose
+CUDA path waits for the host): closed form for r <= 2, repeated squaring of C^T C otherwise, and
+only when the cores change (once per optimizer step, not per forward or micro-batch).
 """
 
 from __future__ import annotations
@@ -31,13 +38,52 @@ def rms_norm(x: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 @torch.no_grad()
-def rank1_directions(cores: Tensor) -> tuple[Tensor, Tensor]:
-    """Leading singular pair (u [r], v [r]) of sum_k C_k, sign fixed (see module docstring)."""
-    core_sum = cores.detach().float().sum(0)  # [r, r]
-    left, _, right_h = torch.linalg.svd(core_sum)
-    u, v = left[:, 0], right_h[0, :]
-    sign = torch.sign(u[torch.argmax(u.abs())])
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+def leading_singular_pair(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Leading singular pair (u, v) of a square matrix [r, r], each of unit norm, up to a joint
+    sign; tensor ops only (no host synchronization on CUDA). M = 0: u = v = e_1.
+
+    r = 1: (1, sign m). r = 2: v at angle theta = atan2(2b, a - c) / 2 for M^T M = [[a, b], [b, c]]
+    (its leading eigenvector). r > 2: M^T M squared 40 times with renormalization converges to the
+    projector on the leading right singular vector (any gap sigma_2 / sigma_1 < 1 - 1e-9), whose
+    largest column is v. Then u = M v / |M v|.
+    """
+    m = matrix.double() if matrix.device.type != "mps" else matrix.float()
+    r = m.shape[0]
+    gram = m.T @ m  # [r, r]
+    if r == 1:
+        v = torch.where(m[0] < 0, -torch.ones_like(m[0]), torch.ones_like(m[0]))
+    elif r == 2:
+        theta = 0.5 * torch.atan2(2 * gram[0, 1], gram[0, 0] - gram[1, 1])
+        v = torch.stack([torch.cos(theta), torch.sin(theta)])
+    else:
+        p = gram
+        for _ in range(40):
+            p = p / p.norm().clamp_min(torch.finfo(p.dtype).tiny)
+            p = p @ p
+        v = p[:, p.norm(dim=0).argmax()]
+        v = gram @ v  # one more power step against round-off in the squares
+        v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+        v = torch.where(v.norm() > 0, v, torch.eye(r, dtype=v.dtype, device=v.device)[0])
+    mv = m @ v
+    norm = mv.norm()
+    e1 = torch.eye(r, dtype=m.dtype, device=m.device)[0]
+    u = torch.where(norm > 0, mv / norm.clamp_min(torch.finfo(m.dtype).tiny), e1)
+    return u.to(matrix.dtype), v.to(matrix.dtype)
+
+
+@torch.no_grad()
+def rank1_directions(cores: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Leading singular pair (u [r], v [r]) of sum_k C_k with the sign of the module docstring:
+    u . ref > 0 for a previous direction ref; the largest-magnitude entry of u positive when ref is
+    None, all zero or orthogonal to u."""
+    u, v = leading_singular_pair(cores.detach().float().sum(0))
+    first = torch.sign(u[torch.argmax(u.abs())])
+    first = torch.where(first == 0, torch.ones_like(first), first)
+    if ref is None:
+        sign = first
+    else:
+        dot = torch.dot(u, ref.to(u.dtype))
+        sign = torch.where(dot != 0, torch.sign(dot), first)
     return u * sign, v * sign
 
 
@@ -56,6 +102,8 @@ class TuckerProductKeys(nn.Module):
         self.cores = nn.Parameter(torch.empty(n_cores, tucker_rank, tucker_rank))
         self.query_gain = nn.Parameter(torch.ones(key_dim))
         self.key_gain = nn.Parameter(torch.ones(key_dim))
+        # the u of the last pre-selection pair, for the continuous sign rule (module docstring)
+        self.register_buffer("direction_ref", torch.zeros(tucker_rank))
         self._frozen: dict[str, tuple] = {}  # name -> (stamp, value)
 
     def _cached(self, name: str, compute, *, also_with_grad: bool = False):
@@ -77,10 +125,21 @@ class TuckerProductKeys(nn.Module):
         return self._cached("keys", lambda: rms_norm(self.keys, self.key_gain))
 
     def directions(self) -> tuple[Tensor, Tensor]:
-        """The sign-fixed rank-1 pre-selection pair (u, v) of the summed cores (no gradient;
-        recomputed only when the cores change)."""
-        return self._cached("directions", lambda: rank1_directions(self.cores),
-                            also_with_grad=True)
+        """The rank-1 pre-selection pair (u, v) of the summed cores, its sign continuous with
+        the last one (no gradient; recomputed only when the cores change)."""
+        return self._cached("directions", self._new_directions, also_with_grad=True)
+
+    @torch.no_grad()
+    def _new_directions(self) -> tuple[Tensor, Tensor]:
+        u, v = rank1_directions(self.cores, self.direction_ref)
+        self.direction_ref.copy_(u)
+        return u, v
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the continuous sign rule have no direction_ref: start afresh
+        state_dict.setdefault(prefix + "direction_ref", torch.zeros_like(self.direction_ref))
+        self._frozen.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- scores ---------------------------------------------------------------------------
 
