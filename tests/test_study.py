@@ -106,6 +106,10 @@ def test_ablation_configs_change_one_thing():
     assert runs["ultramem_v2+shared_query"].memory.shared_rank_query
     assert runs["ultramem_v2+half_layers"].memory_blocks == (1, 3, 5, 7)  # four of eight
     assert base.value_init == "paper" and not base.shared_rank_query and base.layers is None
+    assert base.preselect == "rank1" and base.topk == 32
+    both, equal = runs["ultramem_v2+both_ends"].memory, runs["ultramem_v2+both_ends_equal"].memory
+    assert both.preselect == equal.preselect == "both_ends" and both.topk == 32
+    assert equal.topk == 23  # 2 * 23^2 = 1058 candidates against the paper's 32^2 = 1024
 
 
 def test_eval_command_on_a_study_checkpoint(study_dirs, tmp_path, capsys):
@@ -171,3 +175,36 @@ def test_a_killed_run_resumes_from_its_checkpoint(study_dirs, tmp_path, monkeypa
         run_study(dataclasses.replace(cfg(tmp_path / "killed"), lr=1e-3), log=logs.append)
     assert not any("resuming" in line for line in logs)
     assert len(read_metrics(run_dir)) == 3  # steps 1..3 of the new run, none of the old
+
+
+def test_parallel_jobs_give_the_sequential_rows_and_the_ablation_tables(study_dirs, tmp_path):
+    """--jobs 2 trains runs in worker processes: the same rows as one at a time (each run is
+    its own seeded process), and the report judges ablations repeated over seeds and prints the
+    pre-selection recall of every UltraMemV2 run."""
+    _, work = study_dirs
+    args = [*CI, "--archs", "ultramem_v2", "--ablations", "both_ends,both_ends_equal",
+            "--seeds", "2", "--seeded", "ultramem_v2,ultramem_v2+both_ends_equal"]
+    out = tmp_path / "par"
+    assert main(["study", *args, "--jobs", "2", "--out", str(out), "--work", str(work)]) == 0
+    par = {r["name"]: r for r in json.loads((out / "tiny.json").read_text())["runs"]}
+    assert list(par) == ["ultramem_v2", "ultramem_v2+both_ends", "ultramem_v2+both_ends_equal",
+                         "ultramem_v2@seed1", "ultramem_v2+both_ends_equal@seed1"]
+    # the same repeat trained alone, in this process, in a fresh work dir with the same data
+    import shutil
+
+    solo = tmp_path / "solo" / "tiny"
+    solo.mkdir(parents=True)
+    shutil.copytree(work / "tiny" / "data", solo / "data")
+    assert main(["study", *CI, "--archs", "none", "--ablations", "both_ends_equal", "--seeds",
+                 "2", "--seeded", "ultramem_v2+both_ends_equal", "--out", str(tmp_path / "o2"),
+                 "--work", str(tmp_path / "solo")]) == 0
+    seq = {r["name"]: r for r in json.loads((tmp_path / "o2" / "tiny.json").read_text())["runs"]}
+    name = "ultramem_v2+both_ends_equal@seed1"
+    assert seq[name]["final_loss"] == par[name]["final_loss"]
+    assert seq[name]["text"] == par[name]["text"]
+    md = (out / "tiny.md").read_text()
+    assert "## Ablations over seeds" in md and "`both_ends_equal` (2)" in md
+    assert "## Retrieval recall" in md
+    for r in par.values():
+        assert 0 <= r["retrieval"]["preselect_recall"] <= 1
+        assert len(r["retrieval"]["per_layer"]) == 4  # tiny: a memory layer in each of 4 blocks

@@ -138,18 +138,27 @@ def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def retrieval_recall(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> dict[str, float]:
-    """`preselect_recall` averaged over the UltraMemV2 layers of `model` on the batch idx, as
-    `mem/preselect_recall` and `mem/neg_quadrant_share` (the trainer logs them at eval steps);
-    empty for a model without UltraMemV2 layers."""
+def recall_by_layer(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> list[dict[str, float]]:
+    """`preselect_recall` of each UltraMemV2 layer of `model` on the batch idx, in order (empty
+    for a model without UltraMemV2 layers)."""
     from ultramem.layers import UltraMemV2Layer
 
     layers = model.memory_layers()
     if not any(isinstance(layer, UltraMemV2Layer) for layer in layers):
-        return {}
+        return []
     inputs = layer_inputs(model, idx)
-    stats = [preselect_recall(layer, inputs[i], max_tokens) for i, layer in enumerate(layers)
-             if isinstance(layer, UltraMemV2Layer)]
+    return [preselect_recall(layer, inputs[i], max_tokens) for i, layer in enumerate(layers)
+            if isinstance(layer, UltraMemV2Layer)]
+
+
+@torch.no_grad()
+def retrieval_recall(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> dict[str, float]:
+    """`preselect_recall` averaged over the UltraMemV2 layers of `model` on the batch idx, as
+    `mem/preselect_recall` and `mem/neg_quadrant_share` (the trainer logs them at eval steps);
+    empty for a model without UltraMemV2 layers."""
+    stats = recall_by_layer(model, idx, max_tokens)
+    if not stats:
+        return {}
     return {f"mem/{key}": sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
 

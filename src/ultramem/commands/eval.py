@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=300, help="training steps per run")
     s.add_argument("--archs", default="all", help=f"comma list of {list(ARCHS)}, all or none")
     s.add_argument("--ablations", default="all",
-                   help="comma list of plain_values,fixed_init,shared_query,half_layers, all or "
-                        "none")
+                   help="comma list of plain_values,fixed_init,shared_query,half_layers,both_ends,"
+                        "both_ends_equal, all or none")
     s.add_argument("--out", default="runs/study",
                    help="where <family>.md and plots go (committed results: name docs/results)")
     s.add_argument("--work", default="runs/study", help="run directories (checkpoints, data)")
@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or all")
     s.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: more oversubscribe a shared machine)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at the same time, each its own process with --threads "
+                        "(e.g. --jobs 2 --threads 1 on two cores)")
     s.set_defaults(func=run_study_cmd)
 
 
@@ -118,6 +121,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
+            jobs=args.jobs,
             command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
             else "ultramem study " + f"--family {args.family} --steps {args.steps}",
         )

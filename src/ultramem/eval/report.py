@@ -193,12 +193,12 @@ def markdown(study: dict[str, Any]) -> str:
 
     abl = [r for r in runs if "+" in r["name"]]
     if abl and "ultramem_v2" in by:
-        from ultramem.eval.study import ABLATIONS
+        from ultramem.eval.study import ABLATIONS, base_name
 
         base = by["ultramem_v2"]
         lines += ["## Ablations of UltraMemV2", ""]
-        for r in abl:
-            lines.append(f"- `{r['name']}`: {ABLATIONS[r['name'].split('+', 1)[1]]}")
+        for name in dict.fromkeys(base_name(r["name"]) for r in abl):
+            lines.append(f"- `{name}`: {ABLATIONS[name.split('+', 1)[1]]}")
         lines.append("")
         rows = []
         for r in [base] + abl:
@@ -208,9 +208,71 @@ def markdown(study: dict[str, Any]) -> str:
                          f"{r['text']['bits_per_byte']:.3f}", _pct(mean), f"{nll:.3f}"])
         lines += _table(["run", "total", "train loss", "held-out bpb", "mean task acc (%)",
                          "mean answer loss"], rows)
+    lines += _ablation_seed_table(seeded, tasks)
+    lines += _retrieval_table(runs)
     lines += ["Plots: `" + study["plots"][0] + "` (loss curves), `" + study["plots"][1]
               + "` (per-task accuracy)." if study.get("plots") else "", ""]
     return "\n".join(lines)
+
+
+def _ablation_metrics(r: dict[str, Any], tasks: list[str]) -> dict[str, tuple[float, bool]]:
+    """metric -> (value, lower is better) of one run, for the ablation-over-seeds table."""
+    out = {"val loss": (r.get("val_loss") or float("nan"), True),
+           "held-out bpb": (r["text"]["bits_per_byte"], True),
+           "mean task acc (%)": (100 * sum(r["tasks"][t]["accuracy"] for t in tasks)
+                                 / max(len(tasks), 1), False),
+           "mean answer loss": (sum(r["tasks"][t]["answer_nll"] for t in tasks)
+                                / max(len(tasks), 1), True)}
+    if "facts" in tasks:
+        out["facts recalled"] = (float(r["tasks"]["facts"]["recalled"]), False)
+    if "retrieval" in r:
+        out["pre-selection recall"] = (r["retrieval"]["preselect_recall"], False)
+    return out
+
+
+def _ablation_seed_table(seeded: dict[str, list[dict[str, Any]]], tasks: list[str]) -> list[str]:
+    """Each UltraMemV2 ablation repeated over seeds against UltraMemV2 over the same seeds."""
+    base = seeded.get("ultramem_v2", [])
+    abl = {name: rs for name, rs in seeded.items() if name.startswith("ultramem_v2+")
+           and len(rs) > 1}
+    if len(base) < 2 or not abl:
+        return []
+    lines = ["## Ablations over seeds", "",
+             f"Mean over training seeds, range in brackets (UltraMemV2: {len(base)} seeds). A "
+             "side is called better only when the two seed ranges do not overlap.", ""]
+    header = ["ablation", "metric", "UltraMemV2", "ablation value", "better"]
+    rows = []
+    base_m = [_ablation_metrics(r, tasks) for r in base]
+    for name, rs in abl.items():
+        abl_m = [_ablation_metrics(r, tasks) for r in rs]
+        for metric, (_, lower) in base_m[0].items():
+            if not all(metric in m for m in abl_m):
+                continue
+            b = [m[metric][0] for m in base_m]
+            a = [m[metric][0] for m in abl_m]
+            digits = 1 if metric in ("mean task acc (%)", "facts recalled") else 3
+            verdict = _compare(a, b, lower)
+            verdict = {"UltraMemV2": "ablation", "MoE": "UltraMemV2"}.get(verdict, verdict)
+            rows.append([f"`{name.split('+', 1)[1]}` ({len(rs)})", metric, _fmt(b, digits),
+                         _fmt(a, digits), verdict])
+    return lines + _table(header, rows)
+
+
+def _retrieval_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Pre-selection recall of every run with UltraMemV2 layers (`eval.run.retrieval_metrics`)."""
+    with_r = [r for r in runs if "retrieval" in r]
+    if not with_r:
+        return []
+    tokens = with_r[0]["retrieval"]["tokens"]
+    lines = ["## Retrieval recall", "",
+             f"Share of the exact top-m cells (brute force over all n^2 grid scores) that "
+             f"retrieval returns, on the first {tokens} tokens of the held-out text, per "
+             "memory layer; (-,-): share of the exact top-m whose rank-1 row and column factors "
+             "are both negative (`ultramem.diagnostics.preselect_recall`).", ""]
+    rows = [[r["name"], f"{r['retrieval']['preselect_recall']:.3f}",
+             " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer"]),
+             f"{r['retrieval']['neg_quadrant_share']:.3f}"] for r in with_r]
+    return lines + _table(["run", "recall", "per layer", "(-,-) share"], rows)
 
 
 def _winner(a: float, b: float, lower: bool = False) -> str:

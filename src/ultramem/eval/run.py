@@ -34,8 +34,32 @@ def evaluate_model(model: Any, tokenizer: Any, *, tasks: list[str] | None = None
         result = evaluate_task(model, tokenizer, task, n_examples, seed)
         result["params"] = task.params()
         out["tasks"][name] = result
+    retrieval = retrieval_metrics(model, tokenizer, text)
+    if retrieval:
+        out["retrieval"] = retrieval
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def retrieval_metrics(model: Any, tokenizer: Any, text: str, tokens: int = 512) -> dict[str, Any]:
+    """Pre-selection recall of the UltraMemV2 layers on the first `tokens` tokens of text
+    (`ultramem.diagnostics.preselect_recall`, every token): the mean and each layer's; empty for
+    other models."""
+    import torch
+
+    from ultramem.diagnostics import recall_by_layer
+
+    ids = tokenizer.encode(text)[: min(tokens, model.cfg.max_seq_len)]
+    if not ids:
+        return {}
+    param = next(model.parameters())
+    stats = recall_by_layer(model, torch.tensor([ids], device=param.device), max_tokens=len(ids))
+    if not stats:
+        return {}
+    per_layer = [s["preselect_recall"] for s in stats]
+    neg = [s["neg_quadrant_share"] for s in stats]
+    return {"preselect_recall": sum(per_layer) / len(per_layer), "per_layer": per_layer,
+            "neg_quadrant_share": sum(neg) / len(neg), "tokens": len(ids)}
 
 
 def evaluate_checkpoint(path: str | Path, **kwargs: Any) -> dict[str, Any]:

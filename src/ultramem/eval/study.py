@@ -41,6 +41,10 @@ ABLATIONS: dict[str, str] = {
     "fixed_init": "values initialized with fixed std 0.02 instead of the paper's variance match",
     "shared_query": "one row/column query shared by all Tucker ranks (the reference code)",
     "half_layers": "a memory layer in every other block only (small: 4 of 8 blocks)",
+    "both_ends": "pre-selection from both ends of the rank-1 rankings at the same rowcol_topk "
+                 "(2 kr^2 candidates, twice the paper's)",
+    "both_ends_equal": "pre-selection from both ends with rowcol_topk / sqrt(2) from each "
+                       "(about the paper's kr^2 candidates)",
 }
 
 # The paper's Table 2 (32K context), UltraMemV2 vs MoE, for the task matching each category.
@@ -75,6 +79,7 @@ class StudyConfig:
     task_size: str | None = None  # None: FAMILY_DATA; 'ci' for tests
     train_docs: int | None = None  # per task; None: FAMILY_DATA
     threads: int | None = None
+    jobs: int = 1  # runs trained at the same time, each in its own process with `threads`
     command: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,8 @@ class StudyConfig:
             raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.seeded is not None:
@@ -114,8 +121,13 @@ def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
             change = {"value_init": "fixed"}
         elif name == "shared_query":
             change = {"shared_rank_query": True}
-        else:  # half_layers
+        elif name == "half_layers":
             change = {"layers": tuple(range(1, base.n_layers, 2))}
+        elif name == "both_ends":
+            change = {"preselect": "both_ends"}
+        else:  # both_ends_equal: 2 (kr / sqrt 2)^2 ~ kr^2 candidates
+            change = {"preselect": "both_ends",
+                      "rowcol_topk": max(1, round(base.memory.topk / math.sqrt(2)))}
         runs[f"ultramem_v2+{name}"] = base.replace(memory=change)
     return runs
 
@@ -250,6 +262,31 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     return row
 
 
+def _run_one(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir: Path, work: Path,
+             seed: int) -> dict[str, Any]:
+    """One run in a worker process (`jobs` > 1), with the study's thread count."""
+    import torch
+
+    torch.set_num_threads(cfg.threads or 1)
+    return train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name),
+                          lambda msg: print(msg, flush=True), seed=seed)
+
+
+def _run_parallel(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]], data_dir: Path,
+                  work: Path, log) -> list[dict[str, Any]]:
+    """Train the runs of plan `cfg.jobs` at a time in worker processes; rows in plan order.
+    Each run is independent (its own directory, seed and resume state), so the rows equal
+    those of a sequential study; only the wall time (and each run's s/step) differ."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    log(f"[study] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads or 1} thread(s) each")
+    with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one, cfg, name, model_cfg, data_dir, work, seed)
+                   for name, model_cfg, seed in plan]
+        return [f.result() for f in futures]
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -269,19 +306,22 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    commit = git_commit()  # the code the runs start from (not what HEAD is when they end)
     work = Path(cfg.work) / cfg.family
     data_dir = work / "data"
     meta = build_data(cfg, data_dir)
     log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
         f"({meta['tokenizer']['kind']}) in {data_dir}")
-    rows = []
-    for name, model_cfg, seed in run_plan(cfg):
-        rows.append(train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name), log,
-                                   seed=seed))
+    plan = run_plan(cfg)
+    if cfg.jobs == 1 or len(plan) == 1:
+        rows = [train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name), log,
+                               seed=seed) for name, model_cfg, seed in plan]
+    else:
+        rows = _run_parallel(cfg, plan, data_dir, work, log)
     study = {"config": {**asdict(cfg), "archs": list(cfg.archs),
                         "ablations": list(cfg.ablations),
                         "seeded": None if cfg.seeded is None else list(cfg.seeded)},
-             "commit": git_commit(), "python": sys.version.split()[0],
+             "commit": commit, "python": sys.version.split()[0],
              "torch": torch.__version__, "threads": torch.get_num_threads(),
              "wall_seconds": time.perf_counter() - t0, "data": {
                  "train_tokens": meta["splits"]["train"]["n_tokens"],
