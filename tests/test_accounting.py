@@ -9,14 +9,7 @@ from ultramem.accounting import count_params, decode_bytes, sparse_tables, summa
 from ultramem.config import ARCHS
 from ultramem.layers import MoELayer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = [f"tiny/{a}" for a in ARCHS]

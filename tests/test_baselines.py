@@ -16,16 +16,11 @@ from ultramem.config import (
     PKMConfig,
     UltraMemV1Config,
 )
+from ultramem.init import swiglu_output_variance
+from ultramem.model import KVCache
 from ultramem.retrieval import product_key_topk
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPARSE = [a for a in ARCHS if a != "dense"]
@@ -93,6 +88,18 @@ def test_ultramem_v1_skip_layer_writes_after_the_write_block():
     assert torch.equal(before[0], outs[0]) and torch.equal(before[1], outs[1])
     assert not torch.allclose(before[2], outs[2])
     assert not model.blocks[0].carry.pending  # handed over, nothing left behind
+
+
+def test_ultramem_v1_rejects_two_skip_outputs_into_one_block():
+    # The model hands one skip-layer output to a block: a second one would be dropped silently.
+    with pytest.raises(ConfigError, match=r"^pairs: \(0, 2\) and \(1, 2\) both hand"):
+        UltraMemV1Config(pairs=((0, 2), (1, 2)))
+    # A block's own layer and one skip-layer output into it are both added.
+    model = LM(_tiny("ultramem_v1", memory={"pairs": ((0, 2), (2, 2))}))
+    idx = torch.randint(0, 256, (2, 12))
+    model(idx, idx)[1].backward()
+    for layer in model.memory_layers():
+        assert layer.out_proj.weight.grad.abs().sum() > 0
 
 
 def test_ultramem_v1_forward_matches_reference():
@@ -226,8 +233,6 @@ def test_config_errors_name_the_field(make, field):
 
 @pytest.mark.parametrize("arch", ["pkm", "peer", "memory_plus"])
 def test_init_balances_output_variance_against_the_ffn(arch):
-    from ultramem.init import swiglu_output_variance
-
     cfg = _tiny(arch)
     model = LM(cfg, seed=3)
     target = swiglu_output_variance(cfg.d_model, cfg.ffn_hidden, cfg.n_layers)
@@ -241,8 +246,6 @@ def test_init_balances_output_variance_against_the_ffn(arch):
 @pytest.mark.parametrize("arch", SPARSE)
 def test_incremental_decoding_matches_full_forward(arch):
     # Sparse layers act per token, and the skip-layer hand-over must work one token at a time.
-    from ultramem.model import KVCache
-
     model = LM(_tiny(arch)).eval()
     idx = torch.randint(0, 256, (2, 9))
     with torch.no_grad():

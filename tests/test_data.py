@@ -87,7 +87,7 @@ def test_prepare_cli(tmp_path, capsys):
     assert "prepared 1 documents" in capsys.readouterr().out
     assert read_meta(tmp_path / "d")["tokenizer"] == {"kind": "bytes", "vocab_size": 256}
     assert cli_main(["prepare", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]) == 2
-    assert "no such file" in capsys.readouterr().out
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_batch_order_is_deterministic_complete_and_rank_consistent(tmp_path):
@@ -126,7 +126,7 @@ def test_batch_order_rejects_too_little_data(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("short")
     prepare([str(f)], tmp_path / "d", val_fraction=0)
-    with pytest.raises(ValueError, match="no window of 65 tokens"):
+    with pytest.raises(DataError, match="too little data for seq_len=64.*window of .* 65 tokens"):
         BatchOrder(TokenShards(tmp_path / "d", "train"), seq_len=64, batch_size=2)
 
 

@@ -1,11 +1,13 @@
 """Memory diagnostics: known values on hand-made usage, sane values on real layers."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from ultramem import LM, ModelConfig
+from ultramem.cli import main
 from ultramem.config import ARCHS
 from ultramem.diagnostics import (
     expert_load,
@@ -16,15 +18,11 @@ from ultramem.diagnostics import (
     row_counts,
     usage_stats,
 )
+from ultramem.train.config import TrainConfig
+from ultramem.train.metrics import read_metrics
+from ultramem.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_usage_statistics_on_known_distributions():
@@ -84,13 +82,6 @@ def test_diagnostics_see_collapsed_usage():
 
 
 def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
-    import json
-
-    from ultramem.cli import main
-    from ultramem.train.config import TrainConfig
-    from ultramem.train.metrics import read_metrics
-    from ultramem.train.trainer import Trainer
-
     cfg = ModelConfig.preset("tiny").replace(
         n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
         memory={"n_keys": 16, "key_dim": 16, "top_m": 8, "value_dim": 16, "pre_value_dim": 16,

@@ -33,13 +33,7 @@ OPTIONS = {
 PARALLEL = tuple(OPTIONS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread is as fast, and immune to OpenMP stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**memory) -> ModelConfig:

@@ -9,13 +9,7 @@ from ultramem.model import KVCache, sample_next
 TOL = 1e-5  # float32; the measured max difference is ~2e-6 on logits of magnitude ~3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Decoding runs many tiny ops: one thread is ~3x faster than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +175,10 @@ def test_generate_command_batches_prompts(tiny_model, tmp_path, capsys):
         args += ["--prompt", p]
     assert main(args) == 0
     expected = ""
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts, 1):
         ids = torch.tensor([list(prompt.encode())])
         alone = tiny_model.generate(ids, 6, temperature=0)[0, ids.shape[1] :].tolist()
+        expected += f"--- sample {i} ---\n"
         expected += prompt + bytes(alone).decode("utf-8", errors="replace") + "\n"
     assert capsys.readouterr().out == expected
 

@@ -21,14 +21,7 @@ from ultramem.config import SPARSE_CONFIGS  # noqa: E402
 from ultramem.hf import UltraMemConfig, UltraMemForCausalLM, byte_tokenizer, export  # noqa: E402
 from ultramem.model import KVCache  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Decoding runs many tiny ops: one thread is ~3x faster than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ultramem import LM, ModelConfig
+from ultramem import LM, ConfigError, ModelConfig
+from ultramem.config import MemoryConfig, UltraMemV1Config
 from ultramem.init import (
     memory_output_variance,
     paper_ffn_output_variance,
@@ -74,3 +75,20 @@ def test_fixed_value_init_option():
     layer = LM(cfg).memory_layers()[0]
     assert layer.values.std().item() == pytest.approx(0.02, rel=0.02)
     assert layer.pre_values.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_score_calibration_holds_up_to_half_the_grid_and_top_m_is_bounded_there():
+    # Reading more than half the cells takes in scores below the median: the mean selected score
+    # nears 0 and calibrating it to 1 blew sigma_s^2 up (~15 at 90%) or failed (all cells).
+    n = 8
+    cfg = ModelConfig.preset("tiny").replace(
+        n_layers=2, memory={"n_keys": n, "key_dim": 16, "top_m": n * n // 2, "init_samples": 1024})
+    model = LM(cfg, seed=0)
+    for layer in model.memory_layers():
+        assert layer.init_stats["sigma_s2"] < 2.0, layer.init_stats
+    ratios = _balance(model)
+    assert all(1 / 1.5 < r < 1.5 for r in ratios), ratios
+    with pytest.raises(ConfigError, match="^top_m: .*half"):
+        MemoryConfig(n_keys=n, top_m=n * n // 2 + 1)
+    with pytest.raises(ConfigError, match="^top_m: .*half"):
+        UltraMemV1Config(n_keys=4, virtual_blocks=4, top_m=33)  # 64 virtual slots

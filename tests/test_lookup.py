@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ultramem.ops import gather_dot, weighted_lookup
+from ultramem.ops import gather_dot, memory_read, weighted_lookup
 
 
 def _grads(fn, impl, table, rows, other, grad_out, sparse):
@@ -91,8 +91,6 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("impl", ["reference", "fast", "auto"])
 def test_memory_read_plain_values_weights_by_scores_alone(impl):
     """pre_values None (pre_value_dim=0): y = sum_s G_k(s) value[s][slice k], a_s = 1."""
-    from ultramem.ops import memory_read
-
     t, m, n, d, c = 5, 4, 13, 6, 2
     values = torch.randn(n, d, dtype=torch.float64)
     rows = _rows_with_repeats(t, m, n)

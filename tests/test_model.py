@@ -135,3 +135,23 @@ def test_rope_tables_stay_float32_when_casting(tiny_cfg):
     assert model.embed.weight.dtype == torch.bfloat16
     logits, _ = model(torch.randint(0, 256, (1, 8)))
     assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("name,changes", [
+    ("tiny", {}),
+    ("tiny", {"memory": {"tucker_penalty": 0.001, "tucker_tau": 0.0}}),  # svdvals of the cores
+    ("tiny", {"memory": {"tucker_rank": 3, "tucker_penalty": 0.001, "balance_loss": 0.01}}),
+    ("tiny/ultramem_v1", {}),  # Tucker penalty on by default
+])
+def test_nan_in_a_tucker_core_gives_a_nan_loss_not_an_exception(name, changes):
+    # The trainer skips a step with a non-finite loss; an exception would end the run instead.
+    cfg = ModelConfig.preset(name, max_seq_len=32).replace(**changes)
+    model = LM(cfg)
+    layer = model.memory_layers()[0]
+    keys = layer.keys if hasattr(layer, "keys") else layer.heads[0]
+    with torch.no_grad():
+        keys.cores[0, 0, 0] = float("nan")
+    idx, tgt = _batch(cfg, t=16)
+    _, loss = model(idx, tgt)
+    loss.backward()
+    assert torch.isnan(loss)

@@ -6,23 +6,17 @@ import torch
 
 from ultramem import LM, ModelConfig
 from ultramem.config import ConfigError, MoEConfig
-from ultramem.init import init_moe_layer
+from ultramem.diagnostics import layer_inputs
 from ultramem.layers import MoELayer, SwiGLU
+from ultramem.layers.moe import ROW_BUCKET, needs_row_buckets, pad_groups
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(**kw) -> MoELayer:
     cfg = MoEConfig(**{"n_experts": 8, "top_k": 3, "expert_hidden": 12, **kw})
     layer = MoELayer(cfg, d_model=16)
-    init_moe_layer(layer, n_layers=2, generator=torch.Generator().manual_seed(0))
+    layer.init_weights(target_var=1.0, n_layers=2, generator=torch.Generator().manual_seed(0))
     return layer.double()
 
 
@@ -127,8 +121,6 @@ def test_bf16_autocast_matches_float32_within_bf16_tolerance(impl):
 @pytest.mark.parametrize("impl", ["auto", "grouped"])
 def test_bf16_row_buckets_match_float32(impl):
     """Enough tokens that bf16 groups are padded to ROW_BUCKET rows: same results."""
-    from ultramem.layers.moe import ROW_BUCKET, needs_row_buckets
-
     layer = _f32_layer()
     layer.impl = impl
     x = torch.randn(2, 70, 16)  # 140 tokens x top-3 = 420 rows >= ROW_BUCKET x 8 experts
@@ -145,8 +137,6 @@ def test_bf16_row_buckets_match_float32(impl):
 
 
 def test_pad_groups_aligns_every_group_and_keeps_rows():
-    from ultramem.layers.moe import pad_groups
-
     counts = torch.tensor([3, 0, 5, 1])
     expert = torch.repeat_interleave(torch.arange(4), counts)
     xs = torch.arange(9.0).unsqueeze(1).expand(9, 2)
@@ -242,6 +232,26 @@ def test_lm_adds_moe_aux_loss_to_training_loss():
     assert model.aux_loss is None
     torch.testing.assert_close(loss - aux, plain, rtol=1e-5, atol=1e-5)
     assert all(b.ffn is None for b in model.blocks)  # the MoE replaces every FFN
+
+
+@pytest.mark.parametrize("layers", [None, (1, 2)])
+def test_lm_averages_the_moe_aux_losses_over_its_moe_layers(layers):
+    # OLMoE's convention: the loss weights apply to the mean over layers, not the sum.
+    cfg = ModelConfig.preset("tiny/moe", max_seq_len=16).replace(memory={"layers": layers})
+    model = LM(cfg)
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx, idx)
+    aux = model.aux_loss
+    inputs = layer_inputs(model, idx)
+    per_layer = []
+    for i, layer in enumerate(model.memory_layers()):
+        logits, _, experts = layer.route(inputs[i])
+        frac = torch.bincount(experts.reshape(-1), minlength=64).float() / experts.numel()
+        balance = 0.01 * 64 * (frac * logits.softmax(-1).mean(0)).sum()
+        z = 0.001 * torch.logsumexp(logits, -1).pow(2).mean()
+        per_layer.append(balance + z)
+    assert len(per_layer) == (4 if layers is None else 2)
+    torch.testing.assert_close(aux, torch.stack(per_layer).mean())
 
 
 def test_moe_config_errors_name_the_field():

@@ -1,6 +1,7 @@
 """The fast (bf16 mixed-precision) compute path: chosen from the hardware, float32 where it
 decides something (retrieval), and the same rows retrieved as in float32."""
 
+import json
 import math
 
 import pytest
@@ -98,8 +99,6 @@ def test_trainer_resolves_and_records_precision(tmp_path, monkeypatch):
     assert fast.precision == "bf16"
     summary = fast.fit()
     assert summary["precision"] == "bf16" and math.isfinite(summary["eval_loss"])
-    import json
-
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == "bf16"
     monkeypatch.setattr(precision_mod, "cpu_has_fast_bf16", lambda: False)
     plain = Trainer(_tiny_model(), _small_train(), tmp_path / "plain", show_progress=False)

@@ -1,21 +1,13 @@
 """Matched preset families: equal activated parameters, total within 3%, and the presets table."""
 
 import pytest
-import torch
 
 from ultramem import ModelConfig
 from ultramem.accounting import count_params
 from ultramem.cli import main
 from ultramem.config import ARCHS, FAMILIES, PRESETS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one intra-op thread is as fast, and immune to oversubscribed shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REFERENCE = {"tiny": "moe", "small": "moe", "227m": "ultramem_v2"}

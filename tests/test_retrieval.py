@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ultramem import MemoryConfig, UltraMemV2Layer
-from ultramem.init import init_memory_layer
+from ultramem import LM, MemoryConfig, ModelConfig, UltraMemV2Layer, retrieval
+from ultramem.diagnostics import layer_inputs, preselect_recall
 from ultramem.retrieval import leading_singular_pair, rank1_directions
 
 
@@ -13,7 +13,7 @@ def _layer(**kw) -> UltraMemV2Layer:
     cfg = MemoryConfig(**{**base, **kw})
     layer = UltraMemV2Layer(cfg, d_model=24)
     gen = torch.Generator().manual_seed(0)
-    init_memory_layer(layer, target_var=0.01, n_layers=2, generator=gen)
+    layer.init_weights(target_var=0.01, n_layers=2, generator=gen)
     return layer
 
 
@@ -140,9 +140,6 @@ def test_both_ends_candidates_are_distinct_and_scored_exactly(kr):
 def test_both_ends_recovers_the_negative_quadrant():
     """Rank-1 pre-selection misses the exact top-m cells whose row and column factors are both
     negative; taking both ends of the rankings finds them (diagnostics.preselect_recall)."""
-    from ultramem import LM, ModelConfig
-    from ultramem.diagnostics import layer_inputs, preselect_recall
-
     idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     recall = {}
     for scheme in ("rank1", "both_ends"):
@@ -158,8 +155,6 @@ def test_both_ends_recovers_the_negative_quadrant():
 
 
 def test_preselect_recall_is_one_when_exact():
-    from ultramem.diagnostics import preselect_recall
-
     layer = _layer(rowcol_topk=12)
     assert preselect_recall(layer, torch.randn(50, 24))["preselect_recall"] == 1.0
     with pytest.raises(ValueError, match="preselect"):
@@ -167,8 +162,6 @@ def test_preselect_recall_is_one_when_exact():
 
 
 def test_directions_are_computed_once_per_change_of_the_cores(monkeypatch):
-    from ultramem import retrieval
-
     layer = _layer()
     calls = []
     real = retrieval.rank1_directions
@@ -213,7 +206,7 @@ def _rotated_cores(degrees: float) -> torch.Tensor:
 def test_direction_sign_is_continuous_where_the_largest_entry_rule_jumps():
     layer = _layer(rowcol_topk=4)
     x = torch.randn(32, 24)
-    prev_u = prev_rows = None
+    prev_u = prev_old = prev_rows = None
     jumps_old_rule = 0
     for deg in range(0, -91, -1):  # u turns from (1, 0) to (0, -1), through the 45-degree line
         with torch.no_grad():

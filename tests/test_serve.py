@@ -5,8 +5,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_model
 
 from ultramem import LM
+from ultramem.cli import main
 from ultramem.model import KVCache
 from ultramem.serve import (
     Int8Linear,
@@ -194,10 +196,6 @@ def test_decoding_context_keeps_prepared_steps(tiny_cfg):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_generate_command_dtype(tiny_model, tmp_path, capsys, dtype):
-    from safetensors.torch import save_model
-
-    from ultramem.cli import main
-
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     meta = {"format": "ultramem-checkpoint", "version": 1, "step": 0,

@@ -21,13 +21,7 @@ SMALL_MODEL = dict(n_layers=2, d_model=64, n_heads=2, ffn_hidden=128, max_seq_le
                                init_samples=256))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread is as fast, and immune to OpenMP stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**changes) -> ModelConfig:
@@ -338,3 +332,16 @@ def test_train_cli_overwrite_deletes_only_run_directories(tmp_path, capsys):
     assert "holds no run" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
     assert cli_main(_train_argv(tmp_path / "empty_is_fine", 2)) == 0
+
+
+def test_nan_tucker_core_is_a_skipped_step_not_an_exception(tmp_path):
+    """A non-finite Tucker core gives a non-finite loss (no linear-algebra error in the
+    forward, the penalty or the logged core spectra): the step is skipped like any other."""
+    from ultramem.train.trainer import memory_diagnostics
+
+    t = Trainer(small_cfg(), quick(steps=3, log_every=1), tmp_path, show_progress=False)
+    with torch.no_grad():
+        t.model.memory_layers()[0].keys.cores[0, 0, 0] = float("nan")
+    row = t.train_step(0)
+    assert row.get("skipped") is True and row["skipped_steps"] == 1
+    assert "mem/coverage" in memory_diagnostics(t.model)  # the other diagnostics still log

@@ -1,28 +1,28 @@
-"""ultramem: UltraMemV2 memory-layer language models (arXiv 2508.18756) in PyTorch."""
+"""ultramem: UltraMemV2 memory-layer language models (arXiv 2508.18756) in PyTorch.
+
+`LM`, `UltraMemV2Layer` and `ValueStore` are imported on first use (PEP 562), so `import ultramem`
+and `ultramem --help` load neither torch nor transformers. The Hugging Face classes live in
+`ultramem.hf`; importing it registers them with the transformers Auto classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ultramem.config import ConfigError, MemoryConfig, ModelConfig
-from ultramem.layers import UltraMemV2Layer, ValueStore
-from ultramem.model import LM
 
 __version__ = "0.1.0"
 __all__ = ["LM", "ConfigError", "MemoryConfig", "ModelConfig", "UltraMemV2Layer", "ValueStore"]
 
-
-def _register_hf() -> None:
-    """With transformers installed, register UltraMemConfig / UltraMemForCausalLM with the Auto
-    classes (ultramem.hf), so `AutoModelForCausalLM.from_pretrained` works after `import ultramem`.
-    ULTRAMEM_NO_HF=1 skips it (saves the ~1-3 s transformers import)."""
-    import importlib.util
-    import os
-
-    if os.environ.get("ULTRAMEM_NO_HF") == "1" or importlib.util.find_spec("transformers") is None:
-        return
-    try:
-        import ultramem.hf  # noqa: F401
-    except ImportError as err:  # a transformers too old or broken: the core works without it
-        import warnings
-
-        warnings.warn(f"ultramem: Hugging Face adapter not registered ({err})", stacklevel=2)
+# name -> module that defines it, imported when the name is first read.
+_LAZY = {"LM": "ultramem.model", "UltraMemV2Layer": "ultramem.layers",
+         "ValueStore": "ultramem.layers"}
 
 
-_register_hf()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ultramem' has no attribute {name!r}")

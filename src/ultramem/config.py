@@ -56,6 +56,49 @@ def _check_layers(layers: tuple[int, ...] | None, name: str = "layers") -> None:
     _require(len(set(layers)) == len(layers), name, "has duplicates")
 
 
+# Scalar annotations `check_types` understands, and how a message names each.
+_SCALARS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+            "None": "null"}
+
+
+def _fits(value: Any, kind: str) -> tuple[bool, Any]:
+    """(does value fit scalar type `kind`, value converted): 3 fits a float, 1e3 an int."""
+    if kind == "None":
+        return value is None, value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config
+        return False, value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int), value
+    if kind == "float":
+        return isinstance(value, int | float), float(value) if isinstance(value, int) else value
+    return isinstance(value, str), value
+
+
+def check_types(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """data with each scalar field's value checked against cls's annotation (int, float, bool,
+    str, optionally None) and converted where that is exact (an int for a float field, 1e3 for an
+    int). A value of the wrong type (`lr='abc'`, `steps=true`) raises ConfigError naming the
+    field, so values parsed from `--set` or YAML fail with a message, not a TypeError later."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if f.name not in data or not all(k in _SCALARS for k in kinds):
+            continue
+        for kind in kinds:
+            ok, value = _fits(data[f.name], kind)
+            if ok:
+                out[f.name] = value
+                break
+        else:
+            expected = " or ".join(_SCALARS[k] for k in kinds)
+            raise ConfigError(f"{prefix}{f.name}: must be {expected}, got {data[f.name]!r}")
+    return out
+
+
 def _as_tuple(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if isinstance(value, list):
@@ -72,10 +115,11 @@ class MemoryConfig:
 
     n_keys: rows (= columns) of the key grid, so a layer has n_keys**2 value slots.
     key_dim: Dk. tucker_rank: r. n_cores: c (multi-core scoring over Dv slices).
-    top_m: slots read per token. rowcol_topk: rows/columns kept by rank-1 pre-selection
-    (None -> min(top_m, 128, n_keys)). value_dim / pre_value_dim: Dv / Dp. pre_value_dim=0 gives
-    plain values (no pre-values, no W_pre: each slot is weighted by its scores alone), the
-    paper's ablation of PEER-style values.
+    top_m: slots read per token, at most n_keys**2 // 2 (beyond, the mean selected score nears 0
+    and the init's score calibration breaks down). rowcol_topk: rows/columns kept by rank-1
+    pre-selection (None -> min(top_m, 128, n_keys)). value_dim / pre_value_dim: Dv / Dp.
+    pre_value_dim=0 gives plain values (no pre-values, no W_pre: each slot is weighted by its
+    scores alone), the paper's ablation of PEER-style values.
     layers: block indices that get a memory layer (None -> every block).
     shared_rank_query: reproduce the reference code, whose Tucker ranks share one row/col query.
     value_init: "paper" (variance-matched, REFERENCE.md section 4) or "fixed" (std fixed_value_std).
@@ -135,6 +179,12 @@ class MemoryConfig:
             "top_m",
             f"top_m={self.top_m} exceeds the n_keys**2={self.n_values} value slots",
         )
+        _require(
+            self.top_m <= self.n_values // 2,
+            "top_m",
+            f"top_m={self.top_m} exceeds half the n_keys**2={self.n_values} value slots: the "
+            "mean selected score then nears 0 and the init's score calibration breaks down",
+        )
         if self.rowcol_topk is not None:
             _positive_ints(self, ("rowcol_topk",))
             _require(
@@ -190,6 +240,8 @@ class MoEConfig:
     renormalisation, load-balancing loss 0.01, router z-loss 0.001, dropless. `MoEConfig.mixtral`
     gives the Mixtral style (8 experts, top-2, renormalised). layers: blocks whose FFN is an MoE
     (None -> every block); the other blocks keep the dense FFN.
+    balance_loss / z_loss weigh the losses averaged over the model's MoE layers, as in OLMoE (not
+    summed: the same weights give the same pressure at any depth).
     """
 
     kind: str = "moe"
@@ -329,7 +381,8 @@ class UltraMemV1Config:
     wider per side; a virtual index picks block index // N and row index % N, and one map
     E*Dv -> h projects the E pooled vectors. n_heads heads share one query, each with its own
     keys and cores, and each reads top_m values. pairs: (read, write) blocks: the layer reads
-    block `read`'s FFN input and its output is added after block `write` (skip-layer).
+    block `read`'s FFN input and its output is added after block `write` (skip-layer); a block
+    takes at most one skip-layer output (besides its own layer's).
     value_lr_start/end: the values' learning-rate multiplier decays linearly between them.
     """
 
@@ -364,6 +417,9 @@ class UltraMemV1Config:
         _require(self.value_dim % self.n_cores == 0, "value_dim",
                  f"value_dim={self.value_dim} is not divisible by n_cores={self.n_cores}")
         _require(self.top_m <= self.n_virtual, "top_m", f"exceeds the {self.n_virtual} slots")
+        _require(self.top_m <= self.n_virtual // 2, "top_m",
+                 f"top_m={self.top_m} exceeds half the {self.n_virtual} virtual slots: the mean "
+                 "selected score then nears 0 and the init's score calibration breaks down")
         if self.rowcol_topk is not None:
             _positive_ints(self, ("rowcol_topk",))
             _require(self.rowcol_topk <= self.key_rows, "rowcol_topk",
@@ -377,6 +433,12 @@ class UltraMemV1Config:
             _require(p[0] <= p[1], "pairs", f"read block must not follow write block in {p!r}")
         reads = [p[0] for p in self.pairs]
         _require(len(set(reads)) == len(reads), "pairs", "two layers read the same block")
+        late = [p for p in self.pairs if p[0] != p[1]]  # skip-layer pairs
+        for a in late:
+            other = next((b for b in late if b[1] == a[1] and b != a), a)
+            _require(other == a, "pairs",
+                     f"{a} and {other} both hand their output to block {a[1]}: a block takes at "
+                     "most one skip-layer output (the model would keep only the last)")
         for name in ("tucker_penalty", "tucker_tau"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.value_lr_start > 0 and self.value_lr_end > 0, "value_lr_start",
@@ -424,12 +486,13 @@ SPARSE_CONFIGS: dict[str, type] = {
 def sparse_config_from_dict(data: dict[str, Any], field_name: str = "memory") -> SparseConfig:
     """The sparse layer config a dict describes, chosen by its "kind" (default ultramem_v2)."""
     kind = data.get("kind", "ultramem_v2")
-    _require(kind in SPARSE_CONFIGS, f"{field_name}.kind", f"must be one of {MEMORY_KINDS}")
+    _require(isinstance(kind, str) and kind in SPARSE_CONFIGS, f"{field_name}.kind",
+             f"must be one of {MEMORY_KINDS}")
     cls = SPARSE_CONFIGS[kind]
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(data) - known)
     _require(not bad, f"{field_name}.{bad[0]}" if bad else "", f"unknown {cls.__name__} field")
-    return cls(**data)
+    return cls(**check_types(cls, data, f"{field_name}."))
 
 
 @dataclass(frozen=True)
@@ -535,7 +598,10 @@ class ModelConfig:
         mem = data.get("memory")
         if isinstance(mem, dict):
             data["memory"] = sparse_config_from_dict(mem)
-        return cls(**data)
+        elif mem is not None and "memory" in data:
+            _require(isinstance(mem, tuple(SPARSE_CONFIGS.values())), "memory",
+                     f"must be a mapping of memory-layer fields or null (dense), got {mem!r}")
+        return cls(**check_types(cls, data))
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> ModelConfig:

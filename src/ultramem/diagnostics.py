@@ -6,9 +6,10 @@ uniform, the Gini coefficient of usage, the mean/std of the selected scores, the
 singular values (UltraMem v1/v2); for an MoE, the load of each expert.
 For UltraMemV2 layers also the pre-selection recall against brute force and the share of the
 exact top-m in the (-, -) quadrant (`preselect_recall`).
-`model_diagnostics(model, idx)` captures every sparse layer's input with hooks and does this for
-each one; the trainer logs the recall at eval steps and `ultramem diagnose` prints all of it.
-Layers never compute them on their own.
+This module holds the statistics; what a kind reports is its layer's `diagnostics(u)` hook
+(`ultramem.layers.common.SparseLayer`), which `layer_diagnostics` calls.
+`model_diagnostics(model, idx)` captures every sparse layer's input with hooks and reports each
+one (`ultramem diagnose` prints it); the trainer logs `retrieval_recall` at eval steps.
 """
 
 from __future__ import annotations
@@ -55,33 +56,12 @@ def usage_stats(counts: Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------- per layer
 
 
-def _n_rows(layer: nn.Module) -> int:
-    from ultramem.layers import MemoryPlusLayer, UltraMemV2Layer
-
-    if isinstance(layer, UltraMemV2Layer):
-        return layer.cfg.n_values
-    if isinstance(layer, MemoryPlusLayer):
-        return layer.store.values.shape[0]
-    return layer.cfg.n_values
-
-
 @torch.no_grad()
 def expert_load(layer: nn.Module, u: Tensor) -> Tensor:
     """Fraction of the top-k assignments each expert of an MoE layer receives, [E]."""
     _, _, experts = layer.route(u)
     counts = row_counts(experts, layer.cfg.n_experts)
     return counts / counts.sum()
-
-
-def tucker_singular_values(layer: nn.Module) -> Tensor | None:
-    """Singular values of each Tucker core, [c, r] (UltraMem v2) or [H, c, r] (v1), else None."""
-    from ultramem.layers import UltraMemV1Layer, UltraMemV2Layer
-
-    if isinstance(layer, UltraMemV2Layer):
-        return torch.linalg.svdvals(layer.keys.cores.detach().float())
-    if isinstance(layer, UltraMemV1Layer):
-        return torch.stack([torch.linalg.svdvals(k.cores.detach().float()) for k in layer.heads])
-    return None
 
 
 @torch.no_grad()
@@ -107,27 +87,8 @@ def preselect_recall(layer: nn.Module, u: Tensor, max_tokens: int = 128) -> dict
 
 @torch.no_grad()
 def layer_diagnostics(layer: nn.Module, u: Tensor) -> dict[str, Any]:
-    """Usage and score statistics of one sparse layer on inputs u [..., h]."""
-    from ultramem.layers import MoELayer, UltraMemV2Layer
-
-    if isinstance(layer, MoELayer):
-        load = expert_load(layer, u)
-        stats = usage_stats(load)
-        stats.update(kind="moe", expert_load=load.tolist(),
-                     max_load=float(load.max() * layer.cfg.n_experts))
-        return stats
-    scores, rows = layer.retrieve(u)
-    if scores.dim() == 3:  # per-core scores: rank by their sum
-        scores = scores.sum(-1)
-    stats = usage_stats(row_counts(rows, _n_rows(layer)))
-    stats.update(kind=layer.cfg.kind, score_mean=float(scores.mean()),
-                 score_std=float(scores.std()))
-    sv = tucker_singular_values(layer)
-    if sv is not None:
-        stats["tucker_singular_values"] = sv.tolist()
-    if isinstance(layer, UltraMemV2Layer):
-        stats.update(preselect_recall(layer, u))
-    return stats
+    """Usage and score statistics of one sparse layer on inputs u [..., h]: its `diagnostics`."""
+    return layer.diagnostics(u)
 
 
 @torch.no_grad()
@@ -139,16 +100,14 @@ def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def recall_by_layer(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> list[dict[str, float]]:
-    """`preselect_recall` of each UltraMemV2 layer of `model` on the batch idx, in order (empty
-    for a model without UltraMemV2 layers)."""
-    from ultramem.layers import UltraMemV2Layer
-
+    """`preselect_recall` of each UltraMemV2 layer (each layer that `preselects`) of `model` on
+    the batch idx, in order (empty for a model without them)."""
     layers = model.memory_layers()
-    if not any(isinstance(layer, UltraMemV2Layer) for layer in layers):
+    if not any(layer.preselects for layer in layers):
         return []
     inputs = layer_inputs(model, idx)
     return [preselect_recall(layer, inputs[i], max_tokens) for i, layer in enumerate(layers)
-            if isinstance(layer, UltraMemV2Layer)]
+            if layer.preselects]
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ architecture the project builds (UltraMemV2, MoE, PKM, PEER, Memory+, UltraMem v
 the same way. `generate()` runs on our `KVCache`, allocated once for prompt + new tokens, with the
 UltraMemV2 decode steps of `ultramem.serve` (`ultramem.serve.prepare_for_serving(hf.model,
 "bf16")` casts the weights for serving). Importing this module registers both classes
-with `AutoConfig` / `AutoModelForCausalLM` (`import ultramem` does it when transformers is
-installed).
+with `AutoConfig` / `AutoModelForCausalLM`; `import ultramem` alone does not import transformers
+(it takes seconds), so code that loads an exported folder imports `ultramem.hf` first.
 
 Padding: left-padded batches are handled with the attention mask alone. RoPE scores depend only
 on the distance between tokens, so `position_ids` are not needed and are ignored.

@@ -1,5 +1,9 @@
 """Every initialization formula of REFERENCE.md section 4, in one place.
 
+`init_lm` initialises a whole `ultramem.LM`: embeddings, attention and FFNs here, each sparse
+layer through its own `init_weights` hook (`ultramem.layers.common.SparseLayer`), which applies
+the formulas and procedures below (`init_tucker_keys`, `init_product_keys`, `balance_table`, ...).
+
 The point is balance: at init, on unit-variance input, a block's memory output variance equals its
 FFN output variance. The chain, for a memory layer with top_m = m, Dv, Dp and value std sigma_V:
 
@@ -10,9 +14,13 @@ FFN output variance. The chain, for a memory layer with top_m = m, Dv, Dp and va
                    (plain values, Dp = 0: a = 1, so 0.4 * sigma_V^2 * m * Dv * E[G_k^2] / h)
 
 E[G_k^2] is the second moment of the per-core selected scores, measured by Monte Carlo through
-the real retrieval after the query/key gains are set so the mean selected score is 1 (then
-E[G^2] = 1 + sigma_s^2, the paper's form). Values and pre-values share sigma_V, hence the fourth
-power; the paper prints sigma_V^2 but only sigma_V^4 makes the algebra close.
+the real retrieval after the query/key gains are set so the mean selected (summed) score is 1.
+This is not the paper's factor: the paper writes E[G^2] = 1 + sigma_s^2, the second moment of the
+summed score G = sum_k G_k. With c cores each Dv/c slice of a value is weighted by its own G_k,
+so the per-slice variance needs E[G_k^2], about (1 + sigma_s^2) / c^2 (exactly that when the
+cores contribute equally); the paper's factor would overstate the output variance by ~c^2. The
+two agree for c = 1. Values and pre-values share sigma_V, hence the fourth power; the paper
+prints sigma_V^2 but only sigma_V^4 makes the algebra close.
 
 The FFN side: SwiGLU down(silu(g) * u) with g, u ~ N(0, 0.4). The paper takes the inner variance
 as 0.16; it is 0.4 * E[silu(g)^2] ~ 0.049 (computed here by Gauss-Hermite quadrature), so the
@@ -63,9 +71,10 @@ def paper_ffn_output_variance(d_model: int, ffn_hidden: int, n_layers: int) -> f
 
 def memory_output_variance(value_std: float, d_model: int, pre_value_dim: int, value_dim: int,
                            top_m: int, score_second_moment: float, n_heads: int = 1) -> float:
-    """0.16 sigma_V^4 Dp m n_head Dv E[G^2] / h (the paper's, with E[G^2] = 1 + sigma_s^2).
+    """0.16 sigma_V^4 Dp m n_head Dv E[G_k^2] / h, with E[G_k^2] the per-core score second
+    moment (module docstring; the paper's factor 1 + sigma_s^2 is for the summed score).
 
-    pre_value_dim=0 (plain values, a_s = 1): 0.4 sigma_V^2 m n_head Dv E[G^2] / h.
+    pre_value_dim=0 (plain values, a_s = 1): 0.4 sigma_V^2 m n_head Dv E[G_k^2] / h.
     """
     a2 = 0.4 * pre_value_dim * value_std**2 if pre_value_dim else 1.0  # E[a_s^2]
     return 0.4 * value_std**2 * a2 * top_m * n_heads * value_dim * score_second_moment / d_model
@@ -82,13 +91,7 @@ def value_std_for(target_var: float, d_model: int, pre_value_dim: int, value_dim
     return (target_var * d_model / denom) ** 0.25
 
 
-# ----------------------------------------------------------------------------- modules
-
-
-def init_linear(module: nn.Linear, std: float) -> None:
-    nn.init.normal_(module.weight, std=std)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
+# ----------------------------------------------------------------------------- procedures
 
 
 @torch.no_grad()
@@ -126,59 +129,12 @@ def init_tucker_keys(keys: nn.Module, score_fn, n_samples: int, d_model: int,
     }
 
 
-@torch.no_grad()
-def init_retrieval(layer: nn.Module, n_samples: int, generator: torch.Generator) -> dict:
-    """`init_tucker_keys` for an UltraMemV2 layer's keys, through its real retrieval."""
-    return init_tucker_keys(layer.keys, lambda x: layer.retrieve(x)[0], n_samples, layer.d_model,
-                            generator)
-
-
-@torch.no_grad()
-def init_memory_layer(layer: nn.Module, target_var: float, n_layers: int,
-                      generator: torch.Generator, init_tables: bool = True) -> dict:
-    """Initialise an UltraMemV2 layer so its output variance matches target_var."""
-    cfg, h = layer.cfg, layer.d_model
-    std = linear_std(h)
-    for lin in (layer.query, layer.pre_proj, layer.out_proj):
-        if lin is not None:  # pre_proj is None for plain values
-            lin.weight.normal_(std=std, generator=generator)
-    stats = init_retrieval(layer, cfg.init_samples, generator)
-    if cfg.value_init == "fixed":
-        value_std = cfg.fixed_value_std
-    else:
-        value_std = value_std_for(target_var, h, cfg.pre_value_dim, cfg.value_dim, cfg.top_m,
-                                  stats["score_second_moment"])
-    if init_tables:
-        values, pre_values = layer.tables()
-        values.normal_(std=value_std, generator=generator)
-        if pre_values is not None:
-            pre_values.normal_(std=value_std, generator=generator)
-    stats.update(
-        value_std=value_std,
-        target_var=target_var,
-        predicted_var=memory_output_variance(value_std, h, cfg.pre_value_dim, cfg.value_dim,
-                                             cfg.top_m, stats["score_second_moment"]),
-    )
-    layer.init_stats = stats
-    return stats
-
-
 # ----------------------------------------------------------------------------- baselines
 
 
 def ultramem_v1_value_std(virtual_blocks: int, top_m: int, n_heads: int, n_layers: int) -> float:
     """UltraMem v1 values: N(0, E / (2 m H L)) (REFERENCE.md section 4)."""
     return math.sqrt(virtual_blocks / (2.0 * top_m * n_heads * n_layers))
-
-
-@torch.no_grad()
-def init_moe_layer(layer: nn.Module, n_layers: int, generator: torch.Generator) -> None:
-    """Router and expert gate/up maps std sqrt(2/(5h)); expert down maps as the FFN's."""
-    h = layer.d_model
-    layer.router.weight.normal_(std=linear_std(h), generator=generator)
-    layer.gate.normal_(std=linear_std(h), generator=generator)
-    layer.up.normal_(std=linear_std(h), generator=generator)
-    layer.down.normal_(std=ffn_output_std(h, n_layers), generator=generator)
 
 
 @torch.no_grad()
@@ -216,52 +172,14 @@ def calibrate_table(layer: nn.Module, table: Tensor, target_var: float, n_sample
 
 
 @torch.no_grad()
-def init_baseline_layer(layer: nn.Module, target_var: float, n_layers: int,
-                        generator: torch.Generator, init_tables: bool = True,
-                        n_samples: int = 1024) -> dict:
-    """PKM, PEER and Memory+: product keys as `init_product_keys`, dense maps std sqrt(2/(5h)),
-    tables scaled so the output variance at init equals the FFN's (the same balance as §4)."""
-    from ultramem.layers import MemoryPlusLayer, PEERLayer, PKMLayer
-
-    h = layer.d_model
-    init_product_keys(layer.pk, h, generator)
-    if isinstance(layer, PEERLayer):
-        layer.down.normal_(std=1.0 / math.sqrt(h), generator=generator)  # <u_s, x> ~ N(0, 1)
-        table = layer.up
-    elif isinstance(layer, MemoryPlusLayer):
-        layer.gate_proj.weight.normal_(std=linear_std(h), generator=generator)
-        layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
-        table = layer.store.values
-    elif isinstance(layer, PKMLayer):
-        if layer.out_proj is not None:
-            layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
-        table = layer.values
-    else:
-        raise TypeError(f"init_baseline_layer: unsupported layer {type(layer).__name__}")
+def balance_table(layer: nn.Module, table: Tensor, target_var: float, generator: torch.Generator,
+                  *, init_tables: bool = True, n_samples: int = 1024) -> dict[str, float]:
+    """PKM, PEER and Memory+: `calibrate_table` the layer's table to target_var (the same balance
+    as section 4) unless init_tables is False (a shared table drawn by an earlier layer).
+    Returns the init statistics."""
     stats = {"target_var": target_var}
     if init_tables:
         stats["value_std"] = calibrate_table(layer, table, target_var, n_samples, generator)
-    layer.init_stats = stats
-    return stats
-
-
-@torch.no_grad()
-def init_ultramem_v1_layer(layer: nn.Module, n_layers: int, generator: torch.Generator) -> dict:
-    """Query and output maps std sqrt(2/(5h)); each head's keys calibrated as UltraMemV2's;
-    values N(0, E / (2 m H L))."""
-    cfg, h = layer.cfg, layer.d_model
-    layer.query.weight.normal_(std=linear_std(h), generator=generator)
-    layer.out_proj.weight.normal_(std=linear_std(h), generator=generator)
-    stats: dict = {}
-    for keys in layer.heads:
-        def score_fn(x: Tensor, keys: nn.Module = keys) -> Tensor:
-            return keys.select(*keys.row_col_scores(layer.queries(x)), cfg.top_m, cfg.topk)[0]
-
-        stats = init_tucker_keys(keys, score_fn, cfg.init_samples, h, generator)
-    std = ultramem_v1_value_std(cfg.virtual_blocks, cfg.top_m, cfg.n_heads, n_layers)
-    layer.values.normal_(std=std, generator=generator)
-    stats["value_std"] = std
-    layer.init_stats = stats
     return stats
 
 
@@ -282,6 +200,7 @@ def init_lm(model: nn.Module, seed: int = 0) -> None:
         if isinstance(module, nn.LayerNorm | nn.BatchNorm1d) and module.bias is not None:
             module.bias.zero_()
     ffn_var = swiglu_output_variance(h, cfg.ffn_hidden, L)
+    paper_var = paper_ffn_output_variance(h, cfg.ffn_hidden, L)  # for the record
     for block in model.blocks:
         for lin in (block.attn.qkv, block.attn.proj):
             lin.weight.normal_(std=std, generator=gen)
@@ -289,17 +208,7 @@ def init_lm(model: nn.Module, seed: int = 0) -> None:
             for lin in (block.ffn.gate, block.ffn.up):
                 lin.weight.normal_(std=std, generator=gen)
             block.ffn.down.weight.normal_(std=ffn_output_std(h, L), generator=gen)
-    store = getattr(model, "value_store", None)
-    kind = cfg.memory.kind if cfg.memory is not None else None
     for i, layer in enumerate(model.memory_layers()):
         # A shared store is initialised once, from the first layer's statistics.
-        first = store is None or i == 0
-        if kind == "ultramem_v2":
-            stats = init_memory_layer(layer, ffn_var, L, gen, init_tables=first)
-            stats["paper_ffn_var"] = paper_ffn_output_variance(h, cfg.ffn_hidden, L)
-        elif kind == "moe":
-            init_moe_layer(layer, L, gen)
-        elif kind == "ultramem_v1":
-            init_ultramem_v1_layer(layer, L, gen)
-        else:
-            init_baseline_layer(layer, ffn_var, L, gen, init_tables=first)
+        stats = layer.init_weights(ffn_var, L, gen, init_tables=model.value_store is None or i == 0)
+        stats["paper_ffn_var"] = paper_var

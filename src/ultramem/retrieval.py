@@ -249,8 +249,13 @@ class TuckerProductKeys(nn.Module):
         r = self.tucker_rank
         if r == 1:
             return self.cores.sum() * 0.0
-        sv = torch.linalg.svdvals(self.cores.float())  # [c, r], descending
-        return alpha / (r - 1) * torch.relu(sv[:, 1:] - tau).pow(2).sum()
+        cores = self.cores.float()
+        # svdvals refuses non-finite input on CPU: take it of finite cores, and let a NaN or inf
+        # core turn the penalty (so the loss) non-finite, a step the trainer skips
+        finite = torch.isfinite(cores).all()
+        sv = torch.linalg.svdvals(torch.where(finite, cores, torch.zeros_like(cores)))  # [c, r]
+        penalty = alpha / (r - 1) * torch.relu(sv[:, 1:] - tau).pow(2).sum()
+        return penalty + torch.where(finite, 0.0, float("nan")).to(penalty)
 
     def balance_loss(self, s_row: Tensor, s_col: Tensor, kr: int, beta: float) -> Tensor:
         """beta * n * sum_i f_i p_i over the rank-1 row and column rankings (summed)."""

@@ -14,23 +14,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="files, folders or builtin:NAME")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tokenizer", choices=("bytes", "bpe"), default="bytes")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="BPE vocabulary size (at least 258; ignored for bytes)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the documents (or of each document, with fewer than 20) held "
+                        "out for validation")
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in fact world")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ultramem.data.prepare import DataError, prepare
+    from ultramem.data.prepare import prepare
 
-    try:
-        meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer,
-                       vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       shard_tokens=args.shard_tokens, seed=args.seed)
-    except DataError as err:
-        print(f"ultramem prepare: error: {err}")
-        return 2
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, seed=args.seed)
     sizes = ", ".join(f"{k} {v['n_tokens']:,} tokens in {len(v['shards'])} shard(s)"
                       for k, v in meta["splits"].items())
     print(f"prepared {meta['n_documents']} documents into {args.out}: {sizes}; "

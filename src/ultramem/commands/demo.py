@@ -7,6 +7,7 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ultramem.cli import add_threads_argument
     from ultramem.demo import DemoConfig
 
     d = DemoConfig()
@@ -18,12 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out,
                    help="run directory (replaced only if a previous demo wrote it)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ultramem.cli import set_threads
     from ultramem.demo import DemoConfig, run_demo
 
+    set_threads(args.threads)
     try:
         cfg = DemoConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed,
                          out=args.out)

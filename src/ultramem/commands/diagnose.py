@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,31 +28,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ultramem.cli import UsageError, read_text_arg, warn
     from ultramem.diagnostics import model_diagnostics
     from ultramem.eval.run import heldout_text
     from ultramem.train import checkpoint as ckpt
 
     if args.tokens < 2:
-        print(f"ultramem diagnose: --tokens must be >= 2, got {args.tokens}", file=sys.stderr)
-        return 2
-    try:
-        model = ckpt.load_model(args.checkpoint)
-        tok = ckpt.load_tokenizer(args.checkpoint)
-        if args.text is not None:
-            with open(args.text, encoding="utf-8") as fh:
-                text = fh.read()
-        else:
-            text = heldout_text()
-    except (FileNotFoundError, OSError, ValueError) as err:
-        print(f"ultramem diagnose: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
+    text = read_text_arg(args.text) if args.text is not None else heldout_text()
+    path = ckpt.resolve(args.checkpoint, warn=lambda message: warn("diagnose", message))
+    model = ckpt.load_model(path)
+    tok = ckpt.load_tokenizer(path)
     ids = tok.encode(text)[: min(args.tokens, model.cfg.max_seq_len)]
     if len(ids) < 2:
-        print("ultramem diagnose: the text gives fewer than 2 tokens", file=sys.stderr)
-        return 2
+        raise UsageError(f"--text {args.text}: fewer than 2 tokens")
     if not model.memory_layers():
-        print("ultramem diagnose: this model has no sparse layers", file=sys.stderr)
-        return 2
+        raise UsageError(f"{path}: this model has no sparse layers")
     layers = model_diagnostics(model, torch.tensor([ids]))
     if args.json:
         print(json.dumps(layers, indent=2))

@@ -22,22 +22,29 @@ def _names(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# Examples per task when --n is not given (the facts task then asks every fact).
+DEFAULT_N = 100
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ultramem.cli import add_threads_argument
     from ultramem.config import ARCHS
     from ultramem.tasks import SIZES, TASKS
 
     p = sub.add_parser("eval", help="held-out loss, bits per byte, task accuracy of a checkpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory, or a run directory (its newest good checkpoint)")
     p.add_argument("--tasks", default="all", help=f"comma list of {list(TASKS)}, all or none")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
                    help="task size (default: 'small' for a 512+ context, else 'tiny')")
-    p.add_argument("--n", type=int, default=100, help="examples per task")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n", type=int, default=None,
+                   help=f"examples per task (default {DEFAULT_N}; facts: every fact unless given)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the task examples")
     p.add_argument("--text", default=None, help="held-out text file (default: stdlib docstrings)")
     p.add_argument("--text-chars", type=int, default=None, help="cut held-out text to N chars")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(p)
     p.set_defaults(func=run_eval)
 
     s = sub.add_parser("study", help="train and evaluate every architecture of a preset family",
@@ -74,30 +81,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from ultramem.cli import UsageError, read_text_arg, set_threads, warn
     from ultramem.eval.run import evaluate_checkpoint, results_table, write_results
-    from ultramem.train.checkpoint import read_config
+    from ultramem.tasks import TASKS
+    from ultramem.train.checkpoint import read_config, resolve
 
-    if args.n < 1:
-        print(f"ultramem eval: --n must be >= 1 (examples per task), got {args.n}",
-              file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        size = args.size or ("small" if read_config(args.checkpoint)["model"]["max_seq_len"] >= 512
-                             else "tiny")
-        text = None
-        if args.text is not None:
-            with open(args.text, encoding="utf-8") as fh:
-                text = fh.read()
-        result = evaluate_checkpoint(args.checkpoint, tasks=_names(args.tasks), size=size,
-                                     n_examples=args.n, seed=args.seed, text=text,
-                                     text_chars=args.text_chars)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ultramem eval: {err}", file=sys.stderr)
-        return 2
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n must be >= 1 (examples per task), got {args.n}")
+    if args.text_chars is not None and args.text_chars < 1:
+        raise UsageError(f"--text-chars must be >= 1, got {args.text_chars}")
+    tasks = _names(args.tasks)
+    unknown = [t for t in tasks or [] if t not in TASKS]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    set_threads(args.threads)
+    text = read_text_arg(args.text) if args.text is not None else None
+    ckpt = resolve(args.checkpoint, warn=lambda message: warn("eval", message))
+    size = args.size or ("small" if read_config(ckpt)["model"]["max_seq_len"] >= 512 else "tiny")
+    result = evaluate_checkpoint(ckpt, tasks=tasks, size=size, n_examples=args.n or DEFAULT_N,
+                                 facts_n=args.n, seed=args.seed, text=text,
+                                 text_chars=args.text_chars,
+                                 progress=lambda line: print(f"eval: {line}", file=sys.stderr))
     print(results_table(result), end="")
     if args.out:
         js, md = write_results(result, args.out)

@@ -32,6 +32,7 @@ from ultramem.data.shards import META, DataError, token_dtype
 from ultramem.data.tokenizer import BPETokenizer, ByteTokenizer, train_bpe
 
 BUILTIN = ("builtin:facts", "builtin:python")
+MIN_BPE_VOCAB = 258  # 256 byte tokens + <|endoftext|> + at least one merge (`train_bpe`)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -158,13 +159,18 @@ def prepare(
         raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if shard_tokens < 2:
         raise DataError(f"shard_tokens must be >= 2, got {shard_tokens}")
+    if tokenizer not in ("bytes", "bpe"):
+        raise DataError(f"tokenizer must be 'bytes' or 'bpe', got {tokenizer!r}")
+    if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
+        raise DataError(f"vocab_size {vocab_size} is too small for a byte-level BPE: it needs at "
+                        f"least {MIN_BPE_VOCAB} (256 bytes, the end-of-text token, one merge)")
+    out = Path(out_dir)
+    _check_replaceable(out)
     # Two streaming passes (three with BPE): count documents, (train BPE,) tokenize and write.
     # Memory stays at one document, whatever the corpus size.
     n_docs = sum(1 for _ in iter_documents(sources, seed))
     if n_docs == 0:
         raise DataError(f"inputs {sources} hold no text")
-    out = Path(out_dir)
-    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"  # everything is written here first
     if work.exists():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 META = "meta.json"
+_META_KEYS = ("splits", "vocab_size", "dtype", "tokenizer")  # what readers rely on
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -33,7 +34,14 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `ultramem prepare` to create {data_dir}")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); run `ultramem prepare` again") from None
+    if not isinstance(meta, dict) or not set(_META_KEYS) <= set(meta):
+        raise DataError(f"{path}: not a prepared data directory's meta.json; run `ultramem "
+                        f"prepare` again")
+    return meta
 
 
 def check_shards(data_dir: Path, meta: dict[str, Any], split: str) -> None:
@@ -67,10 +75,10 @@ class TokenShards:
     """The shards of one split, memory-mapped read-only."""
 
     def __init__(self, data_dir: str | Path, split: str):
-        self.dir = Path(data_dir)
+        self.dir, self.split = Path(data_dir), split
         meta = read_meta(self.dir)
         if split not in meta["splits"]:
-            raise ValueError(f"split {split!r} not in {self.dir}; has {sorted(meta['splits'])}")
+            raise DataError(f"split {split!r} not in {self.dir}; has {sorted(meta['splits'])}")
         dtype = np.dtype(meta["dtype"])
         check_shards(self.dir, meta, split)
         self.shards = [np.memmap(self.dir / name, dtype=dtype, mode="r")
@@ -99,9 +107,12 @@ class BatchOrder:
         counts = [max(0, (len(s) - 1) // self.seq_len) for s in self.shards.shards]
         self.n_windows = sum(counts)
         if self.n_windows == 0:
-            raise ValueError(
-                f"no window of {self.seq_len + 1} tokens fits in {self.shards.dir} "
-                f"({self.shards.n_tokens} tokens): use a shorter seq_len or more data"
+            longest = max((len(s) for s in self.shards.shards), default=0)
+            raise DataError(
+                f"{self.shards.dir}: too little data for seq_len={self.seq_len}: no shard of the "
+                f"{self.shards.split} split holds a window of seq_len + 1 = {self.seq_len + 1} "
+                f"tokens ({self.shards.n_tokens} tokens, at most {longest} in one shard); use a "
+                f"shorter seq_len or more data"
             )
         self._starts = np.cumsum([0] + counts)  # first window index of each shard
         self._perm_epoch, self._perm = -1, None

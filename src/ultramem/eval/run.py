@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,25 @@ def heldout_text(max_chars: int | None = None) -> str:
 
 def evaluate_model(model: Any, tokenizer: Any, *, tasks: list[str] | None = None,
                    size: str = "tiny", n_examples: int = 100, seed: int = 0,
-                   text: str | None = None, text_chars: int | None = None) -> dict[str, Any]:
-    """{'text': text_metrics, 'tasks': {name: result}, 'seconds': ...} for a model in memory."""
+                   text: str | None = None, text_chars: int | None = None,
+                   facts_n: int | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """{'text': text_metrics, 'tasks': {name: result}, 'seconds': ...} for a model in memory.
+
+    text (default: the held-out docstrings) is cut to text_chars and must give at least 2 tokens
+    (ValueError). The facts task asks every fact, or the first facts_n. progress(line) is called
+    before the text and before each task."""
     t0 = time.perf_counter()
-    text = heldout_text(text_chars) if text is None else text
+    text = heldout_text(text_chars) if text is None else text[:text_chars]
+    if len(tokenizer.encode(text)) < 2:
+        raise ValueError("the held-out text gives fewer than 2 tokens: nothing to score")
+    report = progress or (lambda line: None)
+    report("held-out text")
     out: dict[str, Any] = {"text": text_metrics(model, tokenizer, text), "tasks": {}}
-    for name, task in build_tasks(size, tasks).items():
-        result = evaluate_task(model, tokenizer, task, n_examples, seed)
+    built = build_tasks(size, tasks)
+    for i, (name, task) in enumerate(built.items(), 1):
+        report(f"task {i}/{len(built)}: {name}")
+        result = evaluate_task(model, tokenizer, task, n_examples, seed, facts=facts_n)
         result["params"] = task.params()
         out["tasks"][name] = result
     retrieval = retrieval_metrics(model, tokenizer, text)

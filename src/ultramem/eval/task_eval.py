@@ -78,17 +78,19 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: list[Example],
 
 
 def evaluate_task(model: nn.Module, tokenizer: Any, task: Task, n: int = 100, seed: int = 0,
-                  ) -> dict[str, Any]:
-    """score_examples on n eval examples of task; the fact world adds recall and bits stored."""
+                  facts: int | None = None) -> dict[str, Any]:
+    """score_examples on n eval examples of task; the fact world asks every fact (or the first
+    `facts`) and adds recall and bits stored."""
     from ultramem.tasks import FactWorld
 
     if isinstance(task, FactWorld):
-        result = score_examples(model, tokenizer, task.examples())
+        examples = task.examples(facts)
+        result = score_examples(model, tokenizer, examples)
         from ultramem.accounting import count_params
 
         params = count_params(model.cfg)
         bits = result["correct"] * task.bits_per_fact()
-        result.update(facts=len(task.facts()), recalled=result["correct"], bits_stored=bits,
+        result.update(facts=len(examples), recalled=result["correct"], bits_stored=bits,
                       bits_per_param=bits / params["total"],
                       bits_per_active_param=bits / params["active"])
         return result

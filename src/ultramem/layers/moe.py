@@ -17,35 +17,42 @@ input's dtype. No Python loop over tokens, no capacity factor, no dropped tokens
 `forward_reference` is the per-token loop the tests hold every path to.
 Auxiliary losses (recorded only while gradients are enabled): load balancing
 E * sum_e f_e P_e (f_e: fraction of assignments, P_e: mean router probability) and router
-z-loss mean(logsumexp(logits)^2).
+z-loss mean(logsumexp(logits)^2), each divided by the model's number of MoE layers (`n_slots`):
+the model sums its layers' losses, so the weights apply to their average over layers, as in
+OLMoE.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import MoEConfig
-from ultramem.layers.common import flatten_tokens
+from ultramem.diagnostics import expert_load, usage_stats
+from ultramem.init import ffn_output_std, linear_std
+from ultramem.layers.common import SparseLayer, Table
 
 
-class MoELayer(nn.Module):
-    """`forward(u [..., h]) -> [..., h]`; replaces the FFN of its block."""
+class MoELayer(SparseLayer):
+    """`forward(u [..., h]) -> [..., h]`; replaces the FFN of its block (contract:
+    `SparseLayer`; its rows are the experts)."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int, *, slot: int = 0, store: None = None):
-        super().__init__()
-        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+    def __init__(self, cfg: MoEConfig, d_model: int, *, slot: int = 0, n_slots: int = 1,
+                 store: None = None):
+        super().__init__(cfg, d_model, slot=slot, n_slots=n_slots)
         e, w = cfg.n_experts, cfg.expert_hidden
         self.router = nn.Linear(d_model, e, bias=False)
         self.gate = nn.Parameter(torch.empty(e, d_model, w))
         self.up = nn.Parameter(torch.empty(e, d_model, w))
         self.down = nn.Parameter(torch.empty(e, w, d_model))
-        self._aux_loss: Tensor | None = None
         self.impl = "auto"  # one of IMPLS; "auto": `choose_impl` decides per call
 
-    def _flat(self, u: Tensor) -> Tensor:
-        return flatten_tokens(self, u)
+    @property
+    def n_rows(self) -> int:
+        return self.cfg.n_experts
 
     def route(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router logits [T, E] (float32 or wider, also under autocast or with bf16 weights),
@@ -59,6 +66,11 @@ class MoELayer(nn.Module):
         if self.cfg.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, weights, experts
+
+    def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k router weights [T, k] and expert ids [T, k]."""
+        _, weights, experts = self.route(u)
+        return weights, experts
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e on tokens x [n, h] -> [n, h]."""
@@ -137,16 +149,43 @@ class MoELayer(nn.Module):
         if cfg.z_loss > 0:
             z = cfg.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
             loss = z if loss is None else loss + z
-        return loss
+        return loss if loss is None else loss / self.n_slots  # the mean over layers
 
-    def pop_aux_loss(self) -> Tensor | None:
-        """The auxiliary loss of the last forward run with gradients enabled."""
-        loss, self._aux_loss = self._aux_loss, None
-        return loss
+    # -- init and diagnostics ---------------------------------------------------------------
 
-    def value_parameters(self) -> list[nn.Parameter]:
-        """Sparse tables with a separate learning rate: none for an MoE."""
-        return []
+    @torch.no_grad()
+    def init_weights(self, target_var: float, n_layers: int, generator: torch.Generator, *,
+                     init_tables: bool = True) -> dict[str, float]:
+        """Router and expert gate/up maps std sqrt(2/(5h)); expert down maps as the FFN's
+        (target_var is not used: each expert is initialised as the FFN it replaces)."""
+        h = self.d_model
+        self.router.weight.normal_(std=linear_std(h), generator=generator)
+        self.gate.normal_(std=linear_std(h), generator=generator)
+        self.up.normal_(std=linear_std(h), generator=generator)
+        self.down.normal_(std=ffn_output_std(h, n_layers), generator=generator)
+        self.init_stats = {}
+        return self.init_stats
+
+    @torch.no_grad()
+    def diagnostics(self, u: Tensor) -> dict[str, Any]:
+        """Usage statistics of the expert load, the load of each expert and the largest load
+        relative to uniform."""
+        load = expert_load(self, u)
+        stats = usage_stats(load)
+        stats.update(kind="moe", expert_load=load.tolist(),
+                     max_load=float(load.max() * self.cfg.n_experts))
+        return stats
+
+    # -- cost model (`ultramem.accounting`) ----------------------------------------------------
+
+    @staticmethod
+    def dense_params(cfg: MoEConfig, d_model: int) -> int:
+        return d_model * cfg.n_experts  # the router
+
+    @staticmethod
+    def sparse_tables(cfg: MoEConfig, d_model: int, n_layers: int) -> list[Table]:
+        """The experts: one row of 3 h w parameters each, top_k read per token."""
+        return [Table(cfg.n_experts, 3 * d_model * cfg.expert_hidden, cfg.top_k, n_layers)]
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ultramem.config import PKMConfig
-from ultramem.layers.common import flatten_tokens
+from ultramem.init import balance_table, init_product_keys, linear_std
+from ultramem.layers.common import SparseLayer, Table
 from ultramem.ops import weighted_lookup
 from ultramem.retrieval import product_key_topk, rms_norm
 
@@ -67,22 +68,27 @@ class ProductKeyQuery(nn.Module):
         s1, s2 = self.half_scores(x)
         return product_key_topk(s1, s2, top_k)
 
+    @staticmethod
+    def param_count(d_model: int, n_keys: int, key_dim: int, n_heads: int,
+                    query_norm: str = "layer", key_norm: bool = False) -> int:
+        """Parameters of `ProductKeyQuery(...)` with these arguments, without building it."""
+        hk = n_heads * key_dim
+        norm = {"batch": 2 * hk, "layer": 2 * key_dim, "rms": key_dim // 2}[query_norm]
+        return d_model * hk + norm + n_heads * n_keys * key_dim + (
+            key_dim // 2 if key_norm else 0)
 
-class PKMLayer(nn.Module):
-    """Product-key memory layer: `forward(u [..., h]) -> [..., h]`."""
 
-    def __init__(self, cfg: PKMConfig, d_model: int, *, slot: int = 0, store: None = None):
-        super().__init__()
-        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+class PKMLayer(SparseLayer):
+    """Product-key memory layer: `forward(u [..., h]) -> [..., h]` (contract: `SparseLayer`)."""
+
+    def __init__(self, cfg: PKMConfig, d_model: int, *, slot: int = 0, n_slots: int = 1,
+                 store: None = None):
+        super().__init__(cfg, d_model, slot=slot, n_slots=n_slots)
         self.value_dim = cfg.value_dim or d_model
         self.pk = ProductKeyQuery(d_model, cfg.n_keys, cfg.key_dim, cfg.n_heads, cfg.query_norm)
         self.values = nn.Parameter(torch.empty(cfg.n_values, self.value_dim))
         self.out_proj = (nn.Linear(self.value_dim, d_model, bias=False)
                          if self.value_dim != d_model else None)
-        self.init_stats: dict[str, float] = {}
-
-    def _flat(self, u: Tensor) -> Tensor:
-        return flatten_tokens(self, u)
 
     def retrieve(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Scores [T, H*k] and value rows [T, H*k] of every head's selection."""
@@ -98,14 +104,43 @@ class PKMLayer(nn.Module):
         out = y if self.out_proj is None else self.out_proj(y)  # [T, h]
         return out.view(*lead, self.d_model)
 
-    def pop_aux_loss(self) -> Tensor | None:
-        return None
-
     def value_parameters(self) -> list[nn.Parameter]:
         """The sparse tables (their optimizer may use sparse updates)."""
         return [self.values]
+
+    @torch.no_grad()
+    def init_weights(self, target_var: float, n_layers: int, generator: torch.Generator, *,
+                     init_tables: bool = True) -> dict[str, float]:
+        """Product keys as `init_product_keys`, W_out std sqrt(2/(5h)), the table scaled so the
+        output variance is target_var (`balance_table`)."""
+        init_product_keys(self.pk, self.d_model, generator)
+        if self.out_proj is not None:
+            self.out_proj.weight.normal_(std=linear_std(self.d_model), generator=generator)
+        self.init_stats = balance_table(self, self.values, target_var, generator,
+                                        init_tables=init_tables)
+        return self.init_stats
+
+    @staticmethod
+    def dense_params(cfg: PKMConfig, d_model: int) -> int:
+        dv = cfg.value_dim or d_model
+        return (ProductKeyQuery.param_count(d_model, cfg.n_keys, cfg.key_dim, cfg.n_heads,
+                                            cfg.query_norm)
+                + (dv * d_model if dv != d_model else 0))
+
+    @staticmethod
+    def sparse_tables(cfg: PKMConfig, d_model: int, n_layers: int) -> list[Table]:
+        return [Table(cfg.n_values, cfg.value_dim or d_model, cfg.n_heads * cfg.top_k, n_layers)]
+
+    @staticmethod
+    def retrieval_flops(cfg: PKMConfig) -> int:
+        return product_key_flops(cfg.n_heads, cfg.top_k)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"n_keys={c.n_keys}, N={c.n_values}, Dk={c.key_dim}, heads={c.n_heads}, "
                 f"top_k={c.top_k}, Dv={self.value_dim}, norm={c.query_norm}")
+
+
+def product_key_flops(n_heads: int, top_k: int) -> int:
+    """Per-token FLOPs of scoring the top_k x top_k candidate sums of every head."""
+    return n_heads * top_k * top_k

@@ -15,21 +15,26 @@ The Tucker-core penalty is on by default. The values' learning rate follows
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ultramem.config import UltraMemV1Config
-from ultramem.layers.common import flatten_tokens
+from ultramem.init import init_tucker_keys, linear_std, ultramem_v1_value_std
+from ultramem.layers.common import SparseLayer, Table
+from ultramem.layers.ultramem_v2 import tucker_scoring_flops
 from ultramem.ops import weighted_lookup
 from ultramem.retrieval import TuckerProductKeys
 
 
-class UltraMemV1Layer(nn.Module):
-    """`forward(u [..., h]) -> [..., h]`; placement (read/write blocks) is the model's business."""
+class UltraMemV1Layer(SparseLayer):
+    """`forward(u [..., h]) -> [..., h]`; placement (read/write blocks) is the model's business
+    (contract: `SparseLayer`)."""
 
-    def __init__(self, cfg: UltraMemV1Config, d_model: int, *, slot: int = 0, store: None = None):
-        super().__init__()
-        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+    def __init__(self, cfg: UltraMemV1Config, d_model: int, *, slot: int = 0, n_slots: int = 1,
+                 store: None = None):
+        super().__init__(cfg, d_model, slot=slot, n_slots=n_slots)
         r, dk, c = cfg.tucker_rank, cfg.key_dim, cfg.n_cores
         self.query = nn.Linear(d_model, 2 * r * dk, bias=False)  # shared by the heads
         self.heads = nn.ModuleList(
@@ -40,11 +45,6 @@ class UltraMemV1Layer(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * (slot + 1))
         perms = [torch.randperm(cfg.n_virtual, generator=gen) for _ in range(cfg.n_heads)]
         self.register_buffer("perm", torch.stack(perms))  # [H, E*N]
-        self._aux_loss: Tensor | None = None
-        self.init_stats: dict[str, float] = {}
-
-    def _flat(self, u: Tensor) -> Tensor:
-        return flatten_tokens(self, u)
 
     def queries(self, x: Tensor) -> Tensor:
         return self.query(x).view(-1, 2, self.cfg.tucker_rank, self.cfg.key_dim)  # [T, 2, r, Dk]
@@ -90,13 +90,56 @@ class UltraMemV1Layer(nn.Module):
             self._aux_loss = None
         return out.view(*lead, self.d_model)
 
-    def pop_aux_loss(self) -> Tensor | None:
-        loss, self._aux_loss = self._aux_loss, None
-        return loss
-
     def value_parameters(self) -> list[nn.Parameter]:
         """The tables the 4x -> 1x learning-rate schedule applies to."""
         return [self.values]
+
+    # -- init and diagnostics ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, target_var: float, n_layers: int, generator: torch.Generator, *,
+                     init_tables: bool = True) -> dict[str, float]:
+        """Query and output maps std sqrt(2/(5h)); each head's keys calibrated as UltraMemV2's;
+        values N(0, E / (2 m H L)) (v1's own rule: target_var is not used)."""
+        cfg, h = self.cfg, self.d_model
+        self.query.weight.normal_(std=linear_std(h), generator=generator)
+        self.out_proj.weight.normal_(std=linear_std(h), generator=generator)
+        stats: dict[str, float] = {}
+        for keys in self.heads:
+            def score_fn(x: Tensor, keys: nn.Module = keys) -> Tensor:
+                return keys.select(*keys.row_col_scores(self.queries(x)), cfg.top_m, cfg.topk)[0]
+
+            stats = init_tucker_keys(keys, score_fn, cfg.init_samples, h, generator)
+        std = ultramem_v1_value_std(cfg.virtual_blocks, cfg.top_m, cfg.n_heads, n_layers)
+        self.values.normal_(std=std, generator=generator)
+        stats["value_std"] = std
+        self.init_stats = stats
+        return stats
+
+    @torch.no_grad()
+    def diagnostics(self, u: Tensor) -> dict[str, Any]:
+        """Row usage and score statistics and every head's Tucker singular values [H, c, r]."""
+        stats = super().diagnostics(u)
+        stats["tucker_singular_values"] = torch.stack(
+            [torch.linalg.svdvals(k.cores.detach().float()) for k in self.heads]).tolist()
+        return stats
+
+    # -- cost model (`ultramem.accounting`) ----------------------------------------------------
+
+    @staticmethod
+    def dense_params(cfg: UltraMemV1Config, d_model: int) -> int:
+        r, dk = cfg.tucker_rank, cfg.key_dim
+        per_head = 2 * r * cfg.key_rows * dk + cfg.n_cores * r * r + 2 * dk  # keys, cores, gains
+        return (d_model * 2 * r * dk + cfg.n_heads * per_head
+                + cfg.virtual_blocks * cfg.value_dim * d_model)  # query, heads, W_out
+
+    @staticmethod
+    def sparse_tables(cfg: UltraMemV1Config, d_model: int, n_layers: int) -> list[Table]:
+        return [Table(cfg.n_values, cfg.value_dim, cfg.n_heads * cfg.top_m, n_layers)]
+
+    @staticmethod
+    def retrieval_flops(cfg: UltraMemV1Config) -> int:
+        return cfg.n_heads * tucker_scoring_flops(cfg.topk, cfg.tucker_rank, cfg.n_cores)
 
     def extra_repr(self) -> str:
         c = self.cfg

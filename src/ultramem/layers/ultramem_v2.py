@@ -9,17 +9,21 @@ Per token u [h]:
                                              (pre_value_dim=0: plain values, a_s = 1)
   y         = sum_s a_s * G_k(s) * value[s][slice k]   (slice k of Dv weighted by core k)
   out       = W_out y                     -> [h], added to the residual next to the FFN
-Raw scores weight the values: no softmax. Initialization lives in `ultramem.init`.
+Raw scores weight the values: no softmax. `init_weights` applies the formulas of `ultramem.init`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import MemoryConfig
-from ultramem.layers.common import flatten_tokens
+from ultramem.config import MemoryConfig, ModelConfig
+from ultramem.diagnostics import preselect_recall
+from ultramem.init import init_tucker_keys, linear_std, memory_output_variance, value_std_for
+from ultramem.layers.common import SparseLayer, Table
 from ultramem.ops import memory_read
 from ultramem.precision import float32_region
 from ultramem.retrieval import TuckerProductKeys
@@ -50,18 +54,19 @@ def _pre_value_table(rows: int, pre_value_dim: int) -> nn.Parameter | None:
     return nn.Parameter(torch.empty(rows, pre_value_dim)) if pre_value_dim else None
 
 
-class UltraMemV2Layer(nn.Module):
-    """UltraMemV2 memory layer: `forward(u [..., h]) -> [..., h]`.
+class UltraMemV2Layer(SparseLayer):
+    """UltraMemV2 memory layer: `forward(u [..., h]) -> [..., h]` (contract: `SparseLayer`).
 
     store/slot: with S_g-Ring sharing, the shared `ValueStore` and this layer's index among the
     memory layers; otherwise the layer owns its `values` [N, Dv] and `pre_values` [N, Dp].
     With pre_value_dim=0 (plain values) `pre_values` and `pre_proj` are None.
     """
 
-    def __init__(self, cfg: MemoryConfig, d_model: int, *, slot: int = 0,
+    preselects = True
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, *, slot: int = 0, n_slots: int = 1,
                  store: ValueStore | None = None):
-        super().__init__()
-        self.cfg, self.d_model, self.slot = cfg, d_model, slot
+        super().__init__(cfg, d_model, slot=slot, n_slots=n_slots)
         r, dk = cfg.tucker_rank, cfg.key_dim
         n_query = 2 * dk if cfg.shared_rank_query else 2 * r * dk
         self.query = nn.Linear(d_model, n_query, bias=False)
@@ -80,8 +85,6 @@ class UltraMemV2Layer(nn.Module):
         object.__setattr__(self, "store", store)
         # Set by `ultramem.offload` when the tables are served from disk or host memory.
         self.table_source = None
-        self._aux_loss: Tensor | None = None
-        self.init_stats: dict[str, float] = {}
         # Set by `ultramem.serve`: the inference forward, used when no gradients are recorded.
         self.decode_step = None
 
@@ -114,9 +117,6 @@ class UltraMemV2Layer(nn.Module):
         if self.cfg.shared_rank_query:
             return q.view(-1, 2, 1, dk).expand(-1, 2, r, dk)  # [T, 2, r, Dk]
         return q.view(-1, 2, r, dk)  # [T, 2, r, Dk]
-
-    def _flat(self, u: Tensor) -> Tensor:
-        return flatten_tokens(self, u)
 
     def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s_row, s_col = self.keys.row_col_scores(self._queries(x))  # [T, r, n] each
@@ -171,13 +171,91 @@ class UltraMemV2Layer(nn.Module):
             loss = bal if loss is None else loss + bal
         return loss
 
-    def pop_aux_loss(self) -> Tensor | None:
-        """The auxiliary loss of the last forward run with gradients enabled (None if off)."""
-        loss, self._aux_loss = self._aux_loss, None
-        return loss
+    # -- init and diagnostics ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, target_var: float, n_layers: int, generator: torch.Generator, *,
+                     init_tables: bool = True) -> dict[str, float]:
+        """Linear maps std sqrt(2/(5h)); keys and score scale by `init_tucker_keys` through the
+        real retrieval; values and pre-values std sigma_V so the output variance is target_var."""
+        cfg, h = self.cfg, self.d_model
+        for lin in (self.query, self.pre_proj, self.out_proj):
+            if lin is not None:  # pre_proj is None for plain values
+                lin.weight.normal_(std=linear_std(h), generator=generator)
+        stats = init_tucker_keys(self.keys, lambda x: self.retrieve(x)[0], cfg.init_samples, h,
+                                 generator)
+        if cfg.value_init == "fixed":
+            value_std = cfg.fixed_value_std
+        else:
+            value_std = value_std_for(target_var, h, cfg.pre_value_dim, cfg.value_dim, cfg.top_m,
+                                      stats["score_second_moment"])
+        if init_tables:
+            values, pre_values = self.tables()
+            values.normal_(std=value_std, generator=generator)
+            if pre_values is not None:
+                pre_values.normal_(std=value_std, generator=generator)
+        stats.update(
+            value_std=value_std,
+            target_var=target_var,
+            predicted_var=memory_output_variance(value_std, h, cfg.pre_value_dim, cfg.value_dim,
+                                                 cfg.top_m, stats["score_second_moment"]),
+        )
+        self.init_stats = stats
+        return stats
+
+    @torch.no_grad()
+    def diagnostics(self, u: Tensor) -> dict[str, Any]:
+        """Row usage and score statistics, the Tucker cores' singular values [c, r] and the
+        pre-selection recall (`ultramem.diagnostics.preselect_recall`)."""
+        stats = super().diagnostics(u)
+        stats["tucker_singular_values"] = torch.linalg.svdvals(
+            self.keys.cores.detach().float()).tolist()
+        stats.update(preselect_recall(self, u))
+        return stats
+
+    # -- cost model (`ultramem.accounting`) ----------------------------------------------------
+
+    @staticmethod
+    def dense_params(cfg: MemoryConfig, d_model: int) -> int:
+        r, dk = cfg.tucker_rank, cfg.key_dim
+        query = d_model * (2 * dk if cfg.shared_rank_query else 2 * r * dk)
+        keys = 2 * r * cfg.n_keys * dk
+        cores = cfg.n_cores * r * r
+        gains = 2 * dk
+        return query + keys + cores + gains + d_model * cfg.pre_value_dim + cfg.value_dim * d_model
+
+    @staticmethod
+    def sparse_tables(cfg: MemoryConfig, d_model: int, n_layers: int) -> list[Table]:
+        """One row is Dv + Dp wide; with S_g-Ring sharing n_layers tables of N / g rows, each
+        read by g layers for top_m / g rows."""
+        g = cfg.share_group
+        picks = cfg.top_m // g if cfg.top_m % g == 0 else cfg.top_m / g
+        return [Table(cfg.rows_per_table, cfg.value_dim + cfg.pre_value_dim, picks, n_layers, g)]
+
+    @staticmethod
+    def retrieval_flops(cfg: MemoryConfig) -> int:
+        return tucker_scoring_flops(cfg.topk, cfg.tucker_rank, cfg.n_cores)
+
+    @staticmethod
+    def build_store(cfg: ModelConfig) -> ValueStore | None:
+        """The S_g-Ring `ValueStore` when share_group > 1."""
+        mem = cfg.memory
+        if mem.share_group == 1:
+            return None
+        return ValueStore(len(cfg.memory_blocks), mem.rows_per_table, mem.value_dim,
+                          mem.pre_value_dim, mem.share_group)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"n_keys={c.n_keys}, N={c.n_values}, Dk={c.key_dim}, r={c.tucker_rank}, "
                 f"cores={c.n_cores}, top_m={c.top_m}, kr={c.topk}, Dv={c.value_dim}, "
                 f"Dp={c.pre_value_dim}, shared={self.store is not None}")
+
+
+# ----------------------------------------------------------------------------- Tucker helpers
+
+
+def tucker_scoring_flops(kr: int, tucker_rank: int, n_cores: int) -> int:
+    """Per-token FLOPs of scoring the kr^2 pre-selected cells with c cores of rank r."""
+    r = tucker_rank
+    return 2 * n_cores * (kr * r * r + kr * kr * r)

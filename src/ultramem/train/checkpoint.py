@@ -8,18 +8,28 @@ Layout of `RUN/checkpoints/step_00000100/`:
   optimizer.pt        optimizer state dicts (tensors and numbers only: torch.load weights_only)
   trainer_state.json  step, data position, skipped-step counters
   rng.pt              torch RNG state (weights_only)
+  checksums.json      {"sha256": {file: digest}} of every file above, written last
 
 Everything is written and fsynced into `.tmp-step_...-PID`, then renamed: a rename is atomic, so
 a directory named `step_*` is complete, and a writer killed midway leaves only a `.tmp-*`
 directory that loaders ignore and the next save removes. The last `keep_last` are kept.
+
+Loading checks what it reads and raises `CheckpointError` naming the file: a missing or
+unparsable file, one whose checksum differs from the one saved (truncated, flipped bytes),
+weights holding NaN or inf, a shuffle buffer (`*.perm`) that is not a permutation. A run
+directory resolves to its newest checkpoint that passes (`latest_good_checkpoint`), with a
+warning naming each newer damaged one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +41,29 @@ from ultramem.config import ModelConfig
 FORMAT = "ultramem-checkpoint"
 VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing file, damaged, not ours); names the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,6 +135,8 @@ def save_checkpoint(
     if rng_state is not None:
         torch.save(rng_state, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
+    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): swap out the old one
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -119,36 +153,148 @@ def save_checkpoint(
     return final
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory: path itself, or the latest under path/ or path/checkpoints/."""
+def check_files(ckpt: str | Path, required: Iterable[str] = ("config.json", "model.safetensors"),
+                ) -> None:
+    """CheckpointError naming the first file of ckpt that is missing or differs from what was
+    saved (checksums.json; checkpoints written before it existed are checked for presence)."""
+    ckpt = Path(ckpt)
+    for name in required:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing")
+    if not (ckpt / CHECKSUMS).is_file():
+        return
+    sums = _read_json(ckpt / CHECKSUMS)
+    if not isinstance(sums, dict) or not isinstance(sums.get("sha256"), dict):
+        raise CheckpointError(f"{ckpt / CHECKSUMS}: no 'sha256' mapping")
+    for name, digest in sums["sha256"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {CHECKSUMS})")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch: the file is damaged or was changed "
+                                  f"after it was saved")
+
+
+def check_tensors(named: Iterable[tuple[str, torch.Tensor]], file: str | Path) -> None:
+    """CheckpointError if a weight holds NaN/inf or a shuffle buffer (`*.perm`, each row a
+    permutation of its indices) is not one: both load fine and then decode garbage."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file}: {name} holds NaN or inf values")
+        if name.rsplit(".", 1)[-1] == "perm" and t.numel():
+            ref = torch.arange(t.shape[-1], dtype=t.dtype).expand_as(t)
+            if not torch.equal(t.sort(dim=-1).values, ref):
+                raise CheckpointError(f"{file}: {name} is not a permutation (damaged shuffle "
+                                      f"buffer)")
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Everything `load_model` and a resume read from ckpt, checked without building the model:
+    files and checksums, config.json, trainer_state.json, every tensor. CheckpointError if not."""
+    from safetensors import SafetensorError, safe_open
+
+    ckpt = Path(ckpt)
+    check_files(ckpt, REQUIRED)
+    read_config(ckpt)
+    _read_json(ckpt / "trainer_state.json")
+    file = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            check_tensors(((k, fh.get_tensor(k)) for k in fh.keys()), file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def latest_good_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint under root that verifies, [(step directory, CheckpointError message)]
+    of the newer ones that do not, newest first); (None, [...]) when none verifies."""
+    root = Path(root)
+    steps = sorted((int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else [])
+                   if (m := _STEP_DIR.match(d.name)) and d.is_dir())
+    damaged: list[tuple[Path, str]] = []
+    for _, d in reversed(steps):
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as err:
+            damaged.append((d, str(err)))
+            continue
+        return d, damaged
+    return None, damaged
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to `step_N.damaged[-k]`, out of the loaders' sight."""
+    k, target = 1, ckpt.with_name(ckpt.name + ".damaged")
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f"{ckpt.name}.damaged-{k}")
+    os.rename(ckpt, target)
+    return target
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name)) or any(
+        (path / name).is_file() for name in ("model.safetensors", CHECKSUMS, "trainer_state.json"))
+
+
+def resolve(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """A checkpoint directory: path itself, or the newest good one under path/checkpoints/ or
+    path/ (a run directory). Newer damaged ones are skipped with a warning (`warn(message)`,
+    default `warnings.warn`); if none is good, the newest one's CheckpointError is raised."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if _is_checkpoint_dir(path) and not (path / "checkpoints").is_dir():
         return path
     for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
+        found, damaged = latest_good_checkpoint(root)
+        if found is None and damaged:
+            raise CheckpointError(damaged[0][1])
         if found is not None:
+            for _, message in damaged:
+                text = f"skipping a damaged checkpoint: {message}; using {found}"
+                if warn is None:
+                    warnings.warn(text, stacklevel=2)
+                else:
+                    warn(text)
             return found
-    raise FileNotFoundError(f"no complete checkpoint at {path}")
+    where = "" if path.is_dir() else " (no such directory)"
+    raise FileNotFoundError(f"no complete checkpoint at {path}{where}")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint (see `resolve` for what path may be)."""
-    data = json.loads((resolve(path) / "config.json").read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an ultramem checkpoint (format={data.get('format')!r})")
+    """config.json of a checkpoint (see `resolve` for what path may be), its model config
+    checked; CheckpointError naming the file if it is missing, unparsable or not ours."""
+    file = resolve(path) / "config.json"
+    data = _read_json(file)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{file}: not an ultramem checkpoint (format={fmt!r})")
+    try:
+        ModelConfig.from_dict(data["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: invalid model config ({err})") from None
     return data
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The `LM` saved in a checkpoint, weights loaded with safetensors only (no pickle)."""
+    """The `LM` saved in a checkpoint, weights loaded with safetensors only (no pickle), after
+    `check_files`; after loading, `check_tensors`. CheckpointError naming the file if not."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load_model
 
     from ultramem.model import LM
 
     ckpt = resolve(path)
+    check_files(ckpt)
     cfg = ModelConfig.from_dict(read_config(ckpt)["model"])
     model = LM(cfg, init=False)
-    st_load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+    file = ckpt / "model.safetensors"
+    try:
+        st_load_model(model, str(file), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as err:  # damaged, or not config.json's
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: cannot be loaded into the model config.json describes "
+                              f"({first})") from None
+    check_tensors(model.state_dict().items(), file)
     return model.to(device)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import ConfigError, ModelConfig
+from ultramem.config import ConfigError, ModelConfig, check_types
 from ultramem.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -109,6 +109,9 @@ class TrainConfig:
                      f"must be one of {allowed}, got {getattr(self, name)!r}")
         _require(not (self.value_update == "dense" and self.value_optimizer == "adagrad"),
                  "value_optimizer", "adagrad is the sparse path's option; dense uses AdamW")
+        kind, _, index = self.device.partition(":")
+        _require(self.device in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()),
+                 "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(not (self.shard_tables and self.value_optimizer == "adagrad"),
                  "shard_tables", "column-sharded tables support value_optimizer=adam only "
                  "(row-wise Adagrad would need its row statistics summed across ranks)")
@@ -124,7 +127,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(data) - known)
         _require(not bad, bad[0] if bad else "", "unknown TrainConfig field")
-        return cls(**data)
+        return cls(**check_types(cls, data))
 
 
 def parse_value(text: str) -> Any:
@@ -171,34 +174,65 @@ def apply_overrides(model: dict[str, Any], train: dict[str, Any],
         target[parts[-1]] = value
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML run file: a mapping with the sections `preset`, `model`, `train`, `data`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where} "
+                          f"({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bad = sorted(set(data) - {"preset", "model", "train", "data"})
+    _require(not bad, bad[0] if bad else "", f"unknown section in {path}")
+    for name in ("model", "train"):
+        _require(isinstance(data.get(name) or {}, dict), f"{path}: {name}",
+                 "must be a mapping of fields")
+    return data
+
+
 def build_configs(preset: str | None = None, config_file: str | Path | None = None,
-                  overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig, dict]:
+                  overrides: list[str] | None = None,
+                  train_defaults: dict[str, Any] | None = None,
+                  ) -> tuple[ModelConfig, TrainConfig, dict]:
     """(model config, train config, extra) from a preset, a YAML file and overrides.
 
     The YAML file may hold `preset`, `model` (field changes; `memory` as a nested mapping),
     `train` (TrainConfig fields) and `data` (a prepared data directory), returned in extra.
+    train_defaults replace TrainConfig defaults (the file and overrides still win).
     """
-    file_cfg: dict[str, Any] = {}
-    if config_file is not None:
-        import yaml
-
-        file_cfg = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(file_cfg, dict):
-            raise ConfigError(f"{config_file}: expected a mapping at the top level")
-        bad = sorted(set(file_cfg) - {"preset", "model", "train", "data"})
-        _require(not bad, bad[0] if bad else "", f"unknown section in {config_file}")
+    file_cfg = read_config_file(config_file) if config_file is not None else {}
     preset = preset or file_cfg.get("preset") or "tiny"
     model_changes = dict(file_cfg.get("model") or {})
-    train_changes = dict(file_cfg.get("train") or {})
+    train_changes = {**(train_defaults or {}), **(file_cfg.get("train") or {})}
     apply_overrides(model_changes, train_changes, overrides or [])
-    base = ModelConfig.preset(preset).to_dict()
-    mem_changes = model_changes.pop("memory", None)
-    base.update(model_changes)
-    if mem_changes is not None:
-        if base.get("memory") is None or mem_changes is False:
-            base["memory"] = None if mem_changes in (None, False) else mem_changes
-        else:
-            base["memory"] = {**base["memory"], **mem_changes}
-    model_cfg = ModelConfig.from_dict(base)
+    model_cfg = ModelConfig.from_dict(merge_model_changes(ModelConfig.preset(preset).to_dict(),
+                                                          model_changes))
     train_cfg = TrainConfig.from_dict(train_changes)
     return model_cfg, train_cfg, {"preset": preset, "data": file_cfg.get("data")}
+
+
+def merge_model_changes(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """base (a ModelConfig dict) with changes applied; `memory` changes merge into base's memory
+    (false: the dense model)."""
+    changes = dict(changes)
+    mem_changes = changes.pop("memory", None)
+    _require(mem_changes is None or mem_changes is False or isinstance(mem_changes, dict),
+             "model.memory", f"must be a mapping of memory-layer fields, or null/false for the "
+             f"dense model, got {mem_changes!r}")
+    out = {**base, **changes}
+    if mem_changes is not None:
+        if out.get("memory") is None or mem_changes is False:
+            out["memory"] = None if mem_changes in (None, False) else mem_changes
+        else:
+            out["memory"] = {**out["memory"], **mem_changes}
+    return out

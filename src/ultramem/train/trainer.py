@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
@@ -63,7 +62,7 @@ def memory_diagnostics(model: LM) -> dict[str, float]:
     ratios = []
     for layer in model.memory_layers():
         cores = getattr(getattr(layer, "keys", None), "cores", None)
-        if cores is not None and cores.shape[-1] >= 2:
+        if cores is not None and cores.shape[-1] >= 2 and bool(torch.isfinite(cores).all()):
             sv = torch.linalg.svdvals(cores.detach().float().sum(0))
             ratios.append(float(sv[1] / sv[0].clamp_min(1e-12)))
     if ratios:
@@ -246,7 +245,6 @@ class Trainer:
             self.bad_in_row += 1
             row["skipped"] = True
         row["skipped_steps"] = self.skipped
-        self._last_row = row
         return row
 
     def _zero_grad(self) -> None:
@@ -328,7 +326,3 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path,
     """Train and return a summary (final loss, eval loss, skipped steps, paths)."""
     return Trainer(model_cfg, train_cfg, out_dir, data_dir, resume=resume,
                    show_progress=show_progress, train_overrides=train_overrides).fit()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
