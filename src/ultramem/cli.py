@@ -151,6 +151,7 @@ def user_error(err: BaseException) -> str | None:
     # raised, so only loaded modules are consulted (importing them would cost seconds).
     kinds: list[type] = [UsageError, ConfigError]
     for module, name in (("ultramem.data.shards", "DataError"),
+                         ("ultramem.data.corpus", "CorpusError"),
                          ("ultramem.train.checkpoint", "CheckpointError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))

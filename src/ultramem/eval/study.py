@@ -204,11 +204,13 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"name": name, "settings": settings}, indent=2))
     t0 = time.perf_counter()
-    trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, show_progress=False, resume=resume,
+    # a progress bar only where one process trains at a time and a person watches
+    bar = cfg.jobs == 1 and sys.stderr.isatty()
+    trainer = Trainer(model_cfg, train_cfg, run_dir, data_dir, show_progress=bar, resume=resume,
                       extra_config={"preset": f"{cfg.family}/{name}"})
     start = trainer.start_step
-    if resume:
-        log(f"[study] {name}: resuming from step {start}")
+    log(f"[study] {name}: " + (f"resuming from step {start}" if resume else "training")
+        + f" to step {cfg.steps} (seed {seed}) in {run_dir}")
     trainer.fit()
     train_s = time.perf_counter() - t0
     del trainer
