@@ -196,18 +196,24 @@ def test_import_without_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_private_checkpoint_loader(tiny_model, tmp_path):
-    """The fallback loader (used when ultramem.train is absent) reads the same layout."""
-    from ultramem.commands.generate import _load_model, tokenizer_file
+def test_checkpoint_loader_returns_the_recorded_tokenizer(tiny_model, tmp_path):
+    """generate and export load through `ultramem.train.checkpoint`: the model, the byte
+    tokenizer for a bytes checkpoint, and a one-line error naming a missing BPE file."""
+    import json
+
+    from ultramem.commands.generate import load_checkpoint
+    from ultramem.data.tokenizer import ByteTokenizer
+    from ultramem.train.checkpoint import CheckpointError
 
     ckpt = _write_checkpoint(tiny_model, tmp_path / "ckpt")
-    loaded = _load_model(ckpt, "cpu")
-    assert loaded.cfg == tiny_model.cfg
+    loaded, tok = load_checkpoint(ckpt)
+    assert loaded.cfg == tiny_model.cfg and isinstance(tok, ByteTokenizer) and tok.path is None
     for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items(),
                                strict=True):
         assert k == k2 and torch.equal(a, b)
-    assert tokenizer_file(ckpt, {"kind": "bytes"}) is None
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        tokenizer_file(ckpt, {"kind": "bpe", "file": "tokenizer.json"})
-    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
-        _load_model(tmp_path, "cpu")
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["tokenizer"] = {"kind": "bpe", "file": "tokenizer.json"}
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    (ckpt / "checksums.json").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_checkpoint(ckpt)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ultramem.config import ModelConfig
 from ultramem.layers import build_memory_layer, build_value_store
 from ultramem.layers.ffn import SwiGLU
+from ultramem.retrieval import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # float32 whatever the input (bf16 activations, autocast); torch's fused kernel
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ultramem.commands.generate import load_checkpoint
 
     model, tok = load_checkpoint(args.checkpoint, warn=lambda message: warn("export", message))
-    tokenizer = hf.tokenizer_from_file(tok.file) if tok.file is not None else hf.byte_tokenizer()
+    tokenizer = hf.tokenizer_from_file(tok.path) if tok.path is not None else hf.byte_tokenizer()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)

@@ -13,101 +13,22 @@ prompts are generated as one batch and printed one after the other, each under a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-class _Bytes:
-    """Token ids are UTF-8 bytes (vocabulary 256)."""
-
-    eos_id = None
-    file: Path | None = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-class _TokenizerFile:
-    """A `tokenizer.json` in HF tokenizers format; `<|endoftext|>` is the end token if present."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.file = path
-        try:
-            self.tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # tokenizers raises its parse errors as plain Exception
-            from ultramem.train.checkpoint import CheckpointError
-
-            raise CheckpointError(f"{path}: not a readable tokenizer ({err})") from None
-        self.eos_id = self.tok.token_to_id("<|endoftext|>")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode([int(i) for i in ids])
-
-
-def tokenizer_file(ckpt: Path, spec: Any) -> Path | None:
-    """The tokenizer.json a config.json "tokenizer" entry points at, or None for bytes."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        name = spec
-    elif isinstance(spec, dict) and spec.get("kind", "bpe") != "bytes":
-        name = spec.get("file", "tokenizer.json")
-    else:
-        return None
-    path = ckpt / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt}/config.json names tokenizer {name!r}, not found there")
-    return path
-
-
 def load_checkpoint(path: str | Path, device: str = "cpu",
                     warn: Callable[[str], None] | None = None) -> tuple[Any, Any]:
-    """(LM, tokenizer) from a checkpoint directory (or a run directory, with the trainer's loader,
-    which verifies the files and calls warn(message) for each damaged checkpoint it skips).
+    """(LM, tokenizer) from a checkpoint directory, or a run directory (its newest good
+    checkpoint; warn(message) for each damaged one skipped). `ultramem.train.checkpoint` verifies
+    the files; the tokenizer is `ultramem.data.tokenizer`'s (its `path`: tokenizer.json, or None
+    for bytes)."""
+    from ultramem.train import checkpoint as ck
 
-    The tokenizer has encode/decode, `eos_id` and `file` (its tokenizer.json, None for bytes).
-    """
-    path = Path(path)
-    try:
-        from ultramem.train import checkpoint as ck
-    except ImportError:
-        ck = None
-    if ck is not None and hasattr(ck, "load_model") and hasattr(ck, "resolve"):
-        ckpt = ck.resolve(path, warn=warn)
-        model = ck.load_model(ckpt, device=device)
-    else:
-        ckpt, model = path, _load_model(path, device)
-    meta = json.loads((ckpt / "config.json").read_text())
-    file = tokenizer_file(ckpt, meta.get("tokenizer"))
-    tok = _TokenizerFile(file) if file is not None else _Bytes()
-    return model, tok
-
-
-def _load_model(ckpt: Path, device: str):
-    """config.json["model"] + model.safetensors -> LM (safetensors only, no pickle)."""
-    from safetensors.torch import load_model
-
-    from ultramem.config import ModelConfig
-    from ultramem.model import LM
-
-    for name in ("config.json", "model.safetensors"):
-        if not (ckpt / name).is_file():
-            raise FileNotFoundError(f"{ckpt}: no {name} (not a checkpoint directory)")
-    cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())["model"])
-    model = LM(cfg, init=False)
-    load_model(model, str(ckpt / "model.safetensors"), strict=True, device=device)
-    return model.to(device)
+    ckpt = ck.resolve(Path(path), warn=warn)
+    return ck.load_model(ckpt, device=device), ck.load_tokenizer(ckpt)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

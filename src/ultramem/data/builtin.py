@@ -10,6 +10,8 @@ import codecs
 import random
 from dataclasses import dataclass
 
+from ultramem.data.tokenizer import ByteTokenizer
+
 FIRST = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lia",
          "Milo", "Nia", "Omar", "Pia", "Quin", "Rosa", "Sami", "Tess", "Uma", "Vik", "Wren", "Yara"]
 LAST = ["Abbot", "Berg", "Costa", "Dunn", "Ekko", "Ferro", "Gale", "Holm", "Ives", "Jura",
@@ -75,8 +77,10 @@ def python_text() -> str:
 
 
 def byte_encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+    """`ByteTokenizer().encode`: the UTF-8 bytes of text."""
+    return ByteTokenizer().encode(text)
 
 
 def byte_decode(ids: list[int]) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    """`ByteTokenizer().decode`."""
+    return ByteTokenizer().decode(ids)

@@ -33,6 +33,7 @@ class ByteTokenizer:
 
     vocab_size = 256
     eos_id = None
+    path = None  # no tokenizer file
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

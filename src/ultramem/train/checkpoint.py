@@ -303,7 +303,14 @@ def load_tokenizer(path: str | Path):
     from ultramem.data.tokenizer import load_tokenizer as _load
 
     ckpt = resolve(path)
-    return _load(read_config(ckpt).get("tokenizer", {"kind": "bytes"}), ckpt)
+    spec = read_config(ckpt).get("tokenizer", {"kind": "bytes"})
+    try:
+        return _load(spec, ckpt)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{ckpt / 'config.json'} names a tokenizer file that is missing: "
+                              f"{err}") from None
+    except Exception as err:  # tokenizers raises its parse errors as plain Exception
+        raise CheckpointError(f"{ckpt}: tokenizer {spec!r} is not readable ({err})") from None
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
