@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ultramem import LM, ConfigError, MemoryConfig, ModelConfig
+from ultramem import LM, ConfigError, ModelConfig, UltraMemV2Config
 from ultramem.accounting import count_params
 
 
@@ -25,7 +25,7 @@ from ultramem.accounting import count_params
 )
 def test_memory_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
-        MemoryConfig(**kwargs)
+        UltraMemV2Config(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -34,8 +34,8 @@ def test_memory_config_errors_name_the_field(kwargs, field):
         ({"d_model": 130, "n_heads": 4}, "n_heads"),
         ({"d_model": 96, "n_heads": 32}, "n_heads"),
         ({"vocab_size": 0}, "vocab_size"),
-        ({"memory": MemoryConfig(layers=(0, 9))}, "memory.layers"),
-        ({"n_layers": 2, "memory": MemoryConfig(share_group=4)}, "memory.share_group"),
+        ({"memory": UltraMemV2Config(layers=(0, 9))}, "memory.layers"),
+        ({"n_layers": 2, "memory": UltraMemV2Config(share_group=4)}, "memory.share_group"),
     ],
 )
 def test_model_config_errors_name_the_field(kwargs, field):
@@ -98,3 +98,11 @@ def test_tiny_preset_is_small():
     counts = count_params(ModelConfig.preset("tiny"))
     assert counts["total"] < 5e6
     assert torch.tensor(counts["active"]) < counts["total"]
+
+
+def test_old_config_names_still_work():
+    """MemoryConfig is UltraMemV2Config's former name: code written against it keeps working."""
+    from ultramem import MemoryConfig, UltraMemV2Config
+
+    assert MemoryConfig is UltraMemV2Config
+    assert UltraMemV2Config(rowcol_topk=8, top_m=16).preselect_k == 8

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ultramem import LM, ConfigError, ModelConfig
-from ultramem.config import MemoryConfig, UltraMemV1Config
+from ultramem.config import UltraMemV1Config, UltraMemV2Config
 from ultramem.init import (
     memory_output_variance,
     paper_ffn_output_variance,
@@ -89,6 +89,6 @@ def test_score_calibration_holds_up_to_half_the_grid_and_top_m_is_bounded_there(
     ratios = _balance(model)
     assert all(1 / 1.5 < r < 1.5 for r in ratios), ratios
     with pytest.raises(ConfigError, match="^top_m: .*half"):
-        MemoryConfig(n_keys=n, top_m=n * n // 2 + 1)
+        UltraMemV2Config(n_keys=n, top_m=n * n // 2 + 1)
     with pytest.raises(ConfigError, match="^top_m: .*half"):
         UltraMemV1Config(n_keys=4, virtual_blocks=4, top_m=33)  # 64 virtual slots

@@ -52,7 +52,7 @@ class RowsConfig:
     """Each token reads the top_k of n_values rows chosen by a linear router."""
 
     kind: str = "rows"
-    replaces_ffn = False
+    ffn_dropped = False
     n_values: int = 48
     top_k: int = 4
     layers: tuple[int, ...] | None = None

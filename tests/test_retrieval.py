@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from ultramem import LM, MemoryConfig, ModelConfig, UltraMemV2Layer, retrieval
+from ultramem import LM, ModelConfig, UltraMemV2Config, UltraMemV2Layer, retrieval
 from ultramem.diagnostics import layer_inputs, preselect_recall
 from ultramem.retrieval import leading_singular_pair, rank1_directions
 
 
 def _layer(**kw) -> UltraMemV2Layer:
     base = dict(n_keys=12, key_dim=16, top_m=8, value_dim=8, pre_value_dim=8, init_samples=256)
-    cfg = MemoryConfig(**{**base, **kw})
+    cfg = UltraMemV2Config(**{**base, **kw})
     layer = UltraMemV2Layer(cfg, d_model=24)
     gen = torch.Generator().manual_seed(0)
     layer.init_weights(target_var=0.01, n_layers=2, generator=gen)
@@ -42,7 +42,7 @@ def test_grid_has_rank_at_most_r(rank):
 
 def test_default_rowcol_recall_is_reported_and_bounded():
     layer = _layer(n_keys=32, top_m=16)
-    assert layer.cfg.topk == 16
+    assert layer.cfg.preselect_k == 16
     u = torch.randn(512, 24)
     _, rows = layer.retrieve(u)
     exact = layer.grid_scores(u).flatten(1).topk(16, dim=-1).indices
@@ -56,7 +56,7 @@ def test_default_rowcol_recall_is_reported_and_bounded():
     assert overlap > 0.35
     wider = _layer(n_keys=32, top_m=16, rowcol_topk=32)
     _, rows = wider.retrieve(u)
-    assert wider.cfg.topk == 32
+    assert wider.cfg.preselect_k == 32
 
 
 def test_selected_scores_are_sorted_and_scores_carry_gradients():

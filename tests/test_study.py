@@ -106,10 +106,10 @@ def test_ablation_configs_change_one_thing():
     assert runs["ultramem_v2+shared_query"].memory.shared_rank_query
     assert runs["ultramem_v2+half_layers"].memory_blocks == (1, 3, 5, 7)  # four of eight
     assert base.value_init == "paper" and not base.shared_rank_query and base.layers is None
-    assert base.preselect == "rank1" and base.topk == 32
+    assert base.preselect == "rank1" and base.preselect_k == 32
     both, equal = runs["ultramem_v2+both_ends"].memory, runs["ultramem_v2+both_ends_equal"].memory
-    assert both.preselect == equal.preselect == "both_ends" and both.topk == 32
-    assert equal.topk == 23  # 2 * 23^2 = 1058 candidates against the paper's 32^2 = 1024
+    assert both.preselect == equal.preselect == "both_ends" and both.preselect_k == 32
+    assert equal.preselect_k == 23  # 2 * 23^2 = 1058 candidates against the paper's 32^2 = 1024
 
 
 def test_eval_command_on_a_study_checkpoint(study_dirs, tmp_path, capsys):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ultramem.config import ConfigError, MemoryConfig, ModelConfig
+from ultramem.config import ConfigError, MemoryConfig, ModelConfig, UltraMemV2Config
 
 __version__ = "0.1.0"
-__all__ = ["LM", "ConfigError", "MemoryConfig", "ModelConfig", "UltraMemV2Layer", "ValueStore"]
+__all__ = ["LM", "ConfigError", "MemoryConfig", "ModelConfig", "UltraMemV2Config",
+           "UltraMemV2Layer", "ValueStore"]
 
 # name -> module that defines it, imported when the name is first read.
 _LAZY = {"LM": "ultramem.model", "UltraMemV2Layer": "ultramem.layers",

@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses, validation that names the bad field, and presets.
 
 `ModelConfig` describes the transformer; its `memory` field holds the sparse layer's config, one
-frozen class per kind (the `kind` field picks it when loading a dict): `MemoryConfig`
+frozen class per kind (the `kind` field picks it when loading a dict): `UltraMemV2Config`
 (UltraMemV2, the default), `MoEConfig`, `PKMConfig`, `PEERConfig`, `MemoryPlusConfig`,
 `UltraMemV1Config`; None is the dense baseline. Each config carries its placement: a list of
 blocks (`layers`) or, for UltraMem v1, (read, write) block pairs. All validate in
@@ -110,7 +110,7 @@ PRESELECT: tuple[str, ...] = ("rank1", "both_ends")
 
 
 @dataclass(frozen=True)
-class MemoryConfig:
+class UltraMemV2Config:
     """The UltraMemV2 memory layer (REFERENCE.md section 2). Names follow the paper.
 
     n_keys: rows (= columns) of the key grid, so a layer has n_keys**2 value slots.
@@ -135,7 +135,7 @@ class MemoryConfig:
     """
 
     kind: str = "ultramem_v2"
-    replaces_ffn = False  # class attribute: the memory sits next to the FFN
+    ffn_dropped = False  # class attribute: the memory sits next to the FFN
     n_keys: int = 64
     key_dim: int = 64
     tucker_rank: int = 2
@@ -192,7 +192,7 @@ class MemoryConfig:
                 "rowcol_topk",
                 f"rowcol_topk={self.rowcol_topk} exceeds n_keys={self.n_keys}",
             )
-        kr = self.topk
+        kr = self.preselect_k
         _require(
             kr * kr >= self.top_m,
             "rowcol_topk",
@@ -220,7 +220,7 @@ class MemoryConfig:
         return self.n_keys * self.n_keys
 
     @property
-    def topk(self) -> int:
+    def preselect_k(self) -> int:
         """The resolved row/column pre-selection size kr."""
         if self.rowcol_topk is not None:
             return self.rowcol_topk
@@ -245,7 +245,7 @@ class MoEConfig:
     """
 
     kind: str = "moe"
-    replaces_ffn = True
+    ffn_dropped = True
     n_experts: int = 64
     top_k: int = 8
     expert_hidden: int = 64
@@ -277,7 +277,7 @@ class _ProductKeyLayout:
     replace_ffn: bool
 
     @property
-    def replaces_ffn(self) -> bool:
+    def ffn_dropped(self) -> bool:
         return self.replace_ffn
 
     @property
@@ -387,7 +387,7 @@ class UltraMemV1Config:
     """
 
     kind: str = "ultramem_v1"
-    replaces_ffn = False
+    ffn_dropped = False
     n_keys: int = 32
     key_dim: int = 64
     tucker_rank: int = 2
@@ -424,8 +424,8 @@ class UltraMemV1Config:
             _positive_ints(self, ("rowcol_topk",))
             _require(self.rowcol_topk <= self.key_rows, "rowcol_topk",
                      f"exceeds the {self.key_rows} key rows")
-        _require(self.topk**2 >= self.top_m, "rowcol_topk",
-                 f"rowcol_topk={self.topk} gives fewer than top_m={self.top_m} candidates")
+        _require(self.preselect_k**2 >= self.top_m, "rowcol_topk",
+                 f"rowcol_topk={self.preselect_k} gives fewer than top_m={self.top_m} candidates")
         _require(len(self.pairs) > 0, "pairs", "must hold at least one (read, write) pair")
         for p in self.pairs:
             _require(len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p), "pairs",
@@ -464,7 +464,7 @@ class UltraMemV1Config:
         return self.key_rows * self.key_rows
 
     @property
-    def topk(self) -> int:
+    def preselect_k(self) -> int:
         if self.rowcol_topk is not None:
             return self.rowcol_topk
         return min(self.top_m, 128, self.key_rows)
@@ -475,10 +475,12 @@ class UltraMemV1Config:
         return self.value_lr_start + (self.value_lr_end - self.value_lr_start) * frac
 
 
-SparseConfig = (MemoryConfig | MoEConfig | PKMConfig | PEERConfig | MemoryPlusConfig
+MemoryConfig = UltraMemV2Config  # its name before 0.2: code written against it keeps working
+
+SparseConfig = (UltraMemV2Config | MoEConfig | PKMConfig | PEERConfig | MemoryPlusConfig
                 | UltraMemV1Config)
 SPARSE_CONFIGS: dict[str, type] = {
-    "ultramem_v2": MemoryConfig, "moe": MoEConfig, "pkm": PKMConfig, "peer": PEERConfig,
+    "ultramem_v2": UltraMemV2Config, "moe": MoEConfig, "pkm": PKMConfig, "peer": PEERConfig,
     "memory_plus": MemoryPlusConfig, "ultramem_v1": UltraMemV1Config,
 }
 
@@ -510,7 +512,7 @@ class ModelConfig:
     qk_norm: bool = True
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    memory: SparseConfig | None = field(default_factory=MemoryConfig)
+    memory: SparseConfig | None = field(default_factory=UltraMemV2Config)
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, dict):
@@ -541,7 +543,7 @@ class ModelConfig:
             elif mem.layers is not None:
                 bad = [i for i in mem.layers if i >= self.n_layers]
                 _require(not bad, "memory.layers", f"blocks {bad} >= n_layers={self.n_layers}")
-            if isinstance(mem, MemoryConfig):
+            if isinstance(mem, UltraMemV2Config):
                 _require(
                     mem.share_group <= len(self.memory_blocks),
                     "memory.share_group",
@@ -574,7 +576,7 @@ class ModelConfig:
     @property
     def ffn_blocks(self) -> tuple[int, ...]:
         """Blocks that keep their dense FFN (the others' sparse layer replaces it)."""
-        if self.memory is not None and self.memory.replaces_ffn:
+        if self.memory is not None and self.memory.ffn_dropped:
             replaced = set(self.memory_blocks)
             return tuple(i for i in range(self.n_layers) if i not in replaced)
         return tuple(range(self.n_layers))
@@ -616,7 +618,7 @@ def _tiny() -> ModelConfig:
     # Trains on 2 CPU cores in minutes: byte vocabulary, 4 blocks, a memory layer in each.
     return ModelConfig(
         vocab_size=256, n_layers=4, d_model=128, n_heads=4, ffn_hidden=384, max_seq_len=256,
-        memory=MemoryConfig(n_keys=64, key_dim=64, top_m=16, value_dim=32, pre_value_dim=32),
+        memory=UltraMemV2Config(n_keys=64, key_dim=64, top_m=16, value_dim=32, pre_value_dim=32),
     )
 
 
@@ -626,7 +628,7 @@ def _umv2_227m() -> ModelConfig:
     # table implies ~124K slots per layer, i.e. n = 352. Every other size is as printed.
     return ModelConfig(
         vocab_size=50304, n_layers=20, d_model=768, n_heads=12, ffn_hidden=2496,
-        max_seq_len=4096, memory=MemoryConfig(
+        max_seq_len=4096, memory=UltraMemV2Config(
             n_keys=352, key_dim=192, top_m=32, value_dim=192, pre_value_dim=192,
         ),
     )
@@ -638,7 +640,7 @@ def _umv2_1b() -> ModelConfig:
     # active = 5.62B in the table implies ~305K slots per layer of Dv + Dp = 1152.
     return ModelConfig(
         vocab_size=50304, n_layers=16, d_model=2048, n_heads=16, ffn_hidden=5888,
-        max_seq_len=4096, memory=MemoryConfig(
+        max_seq_len=4096, memory=UltraMemV2Config(
             n_keys=552, key_dim=512, top_m=128, value_dim=768, pre_value_dim=384,
         ),
     )
@@ -674,7 +676,7 @@ _FAMILIES: dict[str, tuple[dict[str, Any], dict[str, tuple[int, Any]]]] = {
                                               layers=(1, 3))),
         "ultramem_v1": (113, UltraMemV1Config(n_keys=146, key_dim=32, n_heads=2, top_m=16,
                                               value_dim=64, pairs=((0, 1), (2, 3)))),
-        "ultramem_v2": (176, MemoryConfig(n_keys=104, key_dim=32, top_m=16, value_dim=32,
+        "ultramem_v2": (176, UltraMemV2Config(n_keys=104, key_dim=32, top_m=16, value_dim=32,
                                           pre_value_dim=32)),
     }),
     "small": (_SMALL, {
@@ -686,7 +688,7 @@ _FAMILIES: dict[str, tuple[dict[str, Any], dict[str, tuple[int, Any]]]] = {
                                               layers=(2, 5))),
         "ultramem_v1": (369, UltraMemV1Config(n_keys=293, key_dim=64, n_heads=2, top_m=32,
                                               value_dim=128, pairs=((1, 3), (4, 6)))),
-        "ultramem_v2": (351, MemoryConfig(n_keys=147, key_dim=64, top_m=32, value_dim=64,
+        "ultramem_v2": (351, UltraMemV2Config(n_keys=147, key_dim=64, top_m=32, value_dim=64,
                                           pre_value_dim=64)),
     }),
     "227m": (_227M, {
@@ -701,7 +703,7 @@ _FAMILIES: dict[str, tuple[dict[str, Any], dict[str, tuple[int, Any]]]] = {
         "ultramem_v1": (2634, UltraMemV1Config(
             n_keys=787, key_dim=192, n_heads=2, top_m=80, value_dim=384,
             pairs=((2, 5), (6, 9), (10, 13), (14, 17)))),
-        "ultramem_v2": (2496, MemoryConfig(n_keys=352, key_dim=192, top_m=32, value_dim=192,
+        "ultramem_v2": (2496, UltraMemV2Config(n_keys=352, key_dim=192, top_m=32, value_dim=192,
                                            pre_value_dim=192)),
     }),
 }

@@ -95,7 +95,7 @@ class UltraMemV2Decode:
             self.refresh()
         layer, cfg = self.layer, self.layer.cfg
         r, dk, n = cfg.tucker_rank, cfg.key_dim, cfg.n_keys
-        kr, m = cfg.topk, cfg.top_m
+        kr, m = cfg.preselect_k, cfg.top_m
         t = x.shape[0]
         qp = F.linear(x.float(), self.w_in)  # [T, n_query (+ Dp)]
         if self.pre is not None:

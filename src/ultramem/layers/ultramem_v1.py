@@ -55,7 +55,7 @@ class UltraMemV1Layer(SparseLayer):
         scores, slots = [], []
         for h, keys in enumerate(self.heads):
             s_row, s_col = keys.row_col_scores(q)  # [T, r, 2n] each
-            sc, cells = keys.select(s_row, s_col, self.cfg.top_m, self.cfg.topk)  # [T, m, c]
+            sc, cells = keys.select(s_row, s_col, self.cfg.top_m, self.cfg.preselect_k)  # [T, m, c]
             scores.append(sc)
             slots.append(self.perm[h][cells])
         return torch.cat(scores, 1), torch.cat(slots, 1)
@@ -107,7 +107,8 @@ class UltraMemV1Layer(SparseLayer):
         stats: dict[str, float] = {}
         for keys in self.heads:
             def score_fn(x: Tensor, keys: nn.Module = keys) -> Tensor:
-                return keys.select(*keys.row_col_scores(self.queries(x)), cfg.top_m, cfg.topk)[0]
+                s_row, s_col = keys.row_col_scores(self.queries(x))
+                return keys.select(s_row, s_col, cfg.top_m, cfg.preselect_k)[0]
 
             stats = init_tucker_keys(keys, score_fn, cfg.init_samples, h, generator)
         std = ultramem_v1_value_std(cfg.virtual_blocks, cfg.top_m, cfg.n_heads, n_layers)
@@ -139,7 +140,7 @@ class UltraMemV1Layer(SparseLayer):
 
     @staticmethod
     def retrieval_flops(cfg: UltraMemV1Config) -> int:
-        return cfg.n_heads * tucker_scoring_flops(cfg.topk, cfg.tucker_rank, cfg.n_cores)
+        return cfg.n_heads * tucker_scoring_flops(cfg.preselect_k, cfg.tucker_rank, cfg.n_cores)
 
     def extra_repr(self) -> str:
         c = self.cfg

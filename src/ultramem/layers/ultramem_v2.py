@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import MemoryConfig, ModelConfig
+from ultramem.config import ModelConfig, UltraMemV2Config
 from ultramem.diagnostics import preselect_recall
 from ultramem.init import init_tucker_keys, linear_std, memory_output_variance, value_std_for
 from ultramem.layers.common import SparseLayer, Table
@@ -64,7 +64,7 @@ class UltraMemV2Layer(SparseLayer):
 
     preselects = True
 
-    def __init__(self, cfg: MemoryConfig, d_model: int, *, slot: int = 0, n_slots: int = 1,
+    def __init__(self, cfg: UltraMemV2Config, d_model: int, *, slot: int = 0, n_slots: int = 1,
                  store: ValueStore | None = None):
         super().__init__(cfg, d_model, slot=slot, n_slots=n_slots)
         r, dk = cfg.tucker_rank, cfg.key_dim
@@ -120,7 +120,7 @@ class UltraMemV2Layer(SparseLayer):
 
     def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s_row, s_col = self.keys.row_col_scores(self._queries(x))  # [T, r, n] each
-        scores, cells = self.keys.select(s_row, s_col, self.cfg.top_m, self.cfg.topk,
+        scores, cells = self.keys.select(s_row, s_col, self.cfg.top_m, self.cfg.preselect_k,
                                          self.cfg.preselect)
         return scores, self.perm[cells], s_row, s_col  # [T, m, c], [T, m]
 
@@ -167,7 +167,7 @@ class UltraMemV2Layer(SparseLayer):
         if cfg.tucker_penalty > 0:
             loss = self.keys.tucker_penalty(cfg.tucker_penalty, cfg.tucker_tau)
         if cfg.balance_loss > 0:
-            bal = self.keys.balance_loss(s_row, s_col, cfg.topk, cfg.balance_loss)
+            bal = self.keys.balance_loss(s_row, s_col, cfg.preselect_k, cfg.balance_loss)
             loss = bal if loss is None else loss + bal
         return loss
 
@@ -216,7 +216,7 @@ class UltraMemV2Layer(SparseLayer):
     # -- cost model (`ultramem.accounting`) ----------------------------------------------------
 
     @staticmethod
-    def dense_params(cfg: MemoryConfig, d_model: int) -> int:
+    def dense_params(cfg: UltraMemV2Config, d_model: int) -> int:
         r, dk = cfg.tucker_rank, cfg.key_dim
         query = d_model * (2 * dk if cfg.shared_rank_query else 2 * r * dk)
         keys = 2 * r * cfg.n_keys * dk
@@ -225,7 +225,7 @@ class UltraMemV2Layer(SparseLayer):
         return query + keys + cores + gains + d_model * cfg.pre_value_dim + cfg.value_dim * d_model
 
     @staticmethod
-    def sparse_tables(cfg: MemoryConfig, d_model: int, n_layers: int) -> list[Table]:
+    def sparse_tables(cfg: UltraMemV2Config, d_model: int, n_layers: int) -> list[Table]:
         """One row is Dv + Dp wide; with S_g-Ring sharing n_layers tables of N / g rows, each
         read by g layers for top_m / g rows."""
         g = cfg.share_group
@@ -233,8 +233,8 @@ class UltraMemV2Layer(SparseLayer):
         return [Table(cfg.rows_per_table, cfg.value_dim + cfg.pre_value_dim, picks, n_layers, g)]
 
     @staticmethod
-    def retrieval_flops(cfg: MemoryConfig) -> int:
-        return tucker_scoring_flops(cfg.topk, cfg.tucker_rank, cfg.n_cores)
+    def retrieval_flops(cfg: UltraMemV2Config) -> int:
+        return tucker_scoring_flops(cfg.preselect_k, cfg.tucker_rank, cfg.n_cores)
 
     @staticmethod
     def build_store(cfg: ModelConfig) -> ValueStore | None:
@@ -248,7 +248,7 @@ class UltraMemV2Layer(SparseLayer):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"n_keys={c.n_keys}, N={c.n_values}, Dk={c.key_dim}, r={c.tucker_rank}, "
-                f"cores={c.n_cores}, top_m={c.top_m}, kr={c.topk}, Dv={c.value_dim}, "
+                f"cores={c.n_cores}, top_m={c.top_m}, kr={c.preselect_k}, Dv={c.value_dim}, "
                 f"Dp={c.pre_value_dim}, shared={self.store is not None}")
 
 
