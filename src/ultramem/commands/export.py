@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ultramem.files import swap_in
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ultramem.cli import add_threads_argument
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         hf.export(model, work, tokenizer)
         _default_modes(work)
-        _swap_in(work, out)
+        swap_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
@@ -85,12 +87,3 @@ def _default_modes(folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
-def _swap_in(new: Path, out: Path) -> None:
-    """new at out; an old out is renamed aside first and deleted once new is in place."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(new, out)
-    shutil.rmtree(old)

@@ -11,9 +11,9 @@ does. Documents end with the end-of-text token (BPE) or a newline (bytes).
 
 Inputs are streamed (a counting pass, a BPE training pass, a writing pass), so memory holds one
 document at a time. Everything is written into a hidden sibling directory and renamed into
-place at the end (`_swap_in`), so a killed prepare never leaves a mixture of an old and a new
-data set at the output path; `meta.json` records each split's token count and shard size, and
-`TokenShards` checks the files against it before reading.
+place at the end (`ultramem.files.swap_in`), so a killed prepare never leaves a mixture of an
+old and a new data set at the output path; `meta.json` records each split's token count and
+shard size, and `TokenShards` checks the files against it before reading.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 
 from ultramem.data.shards import META, DataError, token_dtype
 from ultramem.data.tokenizer import BPETokenizer, ByteTokenizer, train_bpe
+from ultramem.files import swap_in
 
 BUILTIN = ("builtin:facts", "builtin:python")
 MIN_BPE_VOCAB = 258  # 256 byte tokens + <|endoftext|> + at least one merge (`train_bpe`)
@@ -182,7 +183,7 @@ def prepare(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _swap_in(work, out)
+    swap_in(work, out)
     return meta
 
 
@@ -199,20 +200,6 @@ def _check_replaceable(out: Path) -> None:
             names = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
             raise DataError(f"--out {out} holds files prepare did not write ({names}); choose an "
                             f"empty or new directory")
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Put the finished directory `new` at `out`. Without an old one this is one atomic rename;
-    an old one is first renamed aside and deleted after, so a kill at any point leaves either
-    the old or the new complete directory at `out` (or, between the two renames, `out` missing
-    and the old one kept as `.NAME.old-PID` beside it), never a mixture."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(new, out)
-    shutil.rmtree(old)
 
 
 def _write(sources: list[str], out: Path, n_docs: int, *, tokenizer: str, vocab_size: int,
