@@ -165,3 +165,22 @@ def test_bpe_run_carries_its_tokenizer(tmp_path):
     tok = ckpt.load_tokenizer(path)
     assert tok.vocab_size == meta["vocab_size"]
     assert tok.decode(tok.encode("The pet of Ada is a cat.")) == "The pet of Ada is a cat."
+
+
+def test_loading_a_run_directory_hashes_each_file_once(tmp_path, monkeypatch):
+    """`resolve` verifies the newest checkpoint and `load_model` then loads it: the checksums
+    are computed once, and a file changed after that is still caught."""
+    model = LM(small_cfg(), seed=0)
+    root = tmp_path / "run" / "checkpoints"
+    saved = ckpt.save_checkpoint(root, 1, model=model, config={"model": model.cfg.to_dict()})
+    ckpt._HASHED.clear()
+    hashed: list[str] = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda f: hashed.append(f.name) or real(f))
+    ckpt.load_model(tmp_path / "run")
+    assert sorted(hashed) == sorted(set(hashed)) and "model.safetensors" in hashed
+    data = bytearray((saved / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (saved / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.load_model(saved)

@@ -166,13 +166,28 @@ def check_files(ckpt: str | Path, required: Iterable[str] = ("config.json", "mod
     sums = _read_json(ckpt / CHECKSUMS)
     if not isinstance(sums, dict) or not isinstance(sums.get("sha256"), dict):
         raise CheckpointError(f"{ckpt / CHECKSUMS}: no 'sha256' mapping")
+    for name in sums["sha256"]:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing (listed in {CHECKSUMS})")
+    stamp = _stamp(ckpt, sums["sha256"])
+    if _HASHED.get(ckpt.resolve()) == stamp:  # hashed already, e.g. by `resolve` a moment ago
+        return
     for name, digest in sums["sha256"].items():
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in {CHECKSUMS})")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"{f}: checksum mismatch: the file is damaged or was changed "
-                                  f"after it was saved")
+        if _sha256(ckpt / name) != digest:
+            raise CheckpointError(f"{ckpt / name}: checksum mismatch: the file is damaged or "
+                                  f"was changed after it was saved")
+    _HASHED[ckpt.resolve()] = stamp
+
+
+# checkpoint directory -> stamp of the files whose checksums last matched: loading a run directory
+# verifies the newest checkpoint (`resolve`) and then loads it; the files are hashed once, not
+# twice, unless they changed in between (size or modification time)
+_HASHED: dict[Path, tuple] = {}
+
+
+def _stamp(ckpt: Path, names: Iterable[str]) -> tuple:
+    return tuple((name, (st := (ckpt / name).stat()).st_size, st.st_mtime_ns)
+                 for name in sorted(names))
 
 
 def check_tensors(named: Iterable[tuple[str, torch.Tensor]], file: str | Path) -> None:
