@@ -56,13 +56,15 @@ def _fmt(vals: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
 
 
-def _compare(u: list[float], m: list[float], lower: bool) -> str:
-    """The better of the two means; with repeats of both, only when the seed ranges are apart."""
+def _compare(u: list[float], m: list[float], lower: bool,
+             names: tuple[str, str] = ("UltraMemV2", "MoE")) -> str:
+    """The name of the better of the two means; with repeats of both, only when the seed ranges
+    are apart."""
     if min(u) == max(u) == min(m) == max(m):
         return "tie"
     if len(u) > 1 and len(m) > 1 and min(u) <= max(m) and min(m) <= max(u):
         return "within seed noise"
-    return _winner(sum(u) / len(u), sum(m) / len(m), lower)
+    return _winner(sum(u) / len(u), sum(m) / len(m), lower, names)
 
 
 def markdown(study: dict[str, Any]) -> str:
@@ -307,8 +309,7 @@ def _ablation_seed_table(seeded: dict[str, list[dict[str, Any]]], tasks: list[st
             b = [m[metric][0] for m in base_m]
             a = [m[metric][0] for m in abl_m]
             digits = 1 if metric in ("mean task acc (%)", "facts recalled") else 3
-            verdict = _compare(a, b, lower)
-            verdict = {"UltraMemV2": "ablation", "MoE": "UltraMemV2"}.get(verdict, verdict)
+            verdict = _compare(a, b, lower, names=("ablation", "UltraMemV2"))
             rows.append([f"`{name.split('+', 1)[1]}` ({len(rs)})", metric, _fmt(b, digits),
                          _fmt(a, digits), verdict])
     return lines + _table(header, rows)
@@ -331,10 +332,11 @@ def _retrieval_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines + _table(["run", "recall", "per layer", "(-,-) share"], rows)
 
 
-def _winner(a: float, b: float, lower: bool = False) -> str:
+def _winner(a: float, b: float, lower: bool = False,
+            names: tuple[str, str] = ("UltraMemV2", "MoE")) -> str:
     if a == b:
         return "tie"
-    return "UltraMemV2" if (a < b) == lower else "MoE"
+    return names[0] if (a < b) == lower else names[1]
 
 
 def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
