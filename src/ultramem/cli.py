@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train": "ultramem.commands.train",
     "eval": "ultramem.commands.eval",
     "study": "ultramem.commands.eval",
+    "capacity": "ultramem.commands.capacity",
     "generate": "ultramem.commands.generate",
     "diagnose": "ultramem.commands.diagnose",
     "export": "ultramem.commands.export",  # Hugging Face

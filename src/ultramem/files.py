@@ -1,4 +1,5 @@
-"""File-system steps shared by the commands that write directories (prepare, export)."""
+"""File-system steps shared by the commands that write files and directories (prepare, export,
+capacity)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,15 @@ def swap_in(new: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(new, out)
     shutil.rmtree(old)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so a reader sees the old file or the whole new one: write a
+    temporary file beside it, flush it to disk, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
