@@ -9,7 +9,8 @@ per total and per active parameter:
   ultramem capacity --jobs 2 --out docs/results/capacity   # committed results: name the path
 
 Finished runs are kept under --work and reused by a later invocation with the same settings, so
-an interrupted experiment continues with the runs it had not finished.
+an interrupted experiment continues with the runs it had not finished; `--report-only` reports
+the finished runs of the plan (and names the others) without training.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", default=d.work, help="run directories (each run's result.json)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time, each its own process with --threads")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report of the runs already finished; train nothing")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         d_model=args.d_model, ffn_hidden=args.ffn_hidden, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, measure_every=args.measure_every,
         seed=args.seed, out=args.out, work=args.work, threads=args.threads or 1,
-        jobs=args.jobs, command="ultramem " + shlex.join(sys.argv[1:])
+        jobs=args.jobs, report_only=args.report_only, command="ultramem " + shlex.join(sys.argv[1:])
         if sys.argv[1:2] == ["capacity"] else "ultramem capacity")
     run_capacity(cfg)
     return 0

@@ -219,6 +219,7 @@ class CapacityConfig:
     work: str = "runs/capacity"
     threads: int = 1
     jobs: int = 1
+    report_only: bool = False  # report the finished runs of the plan; train nothing
     command: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -285,6 +286,16 @@ def measure(model, facts, world: WorldConfig, batch: int = 8192) -> FactScores:
     return FactScores(float(bits), recalled, float(nll_sum) / len(facts))
 
 
+def finished_run(cfg: CapacityConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The result row in run_dir if that run finished with cfg's settings, else None."""
+    path = run_dir / "result.json"
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("settings") == cfg.settings():
+            return done
+    return None
+
+
 def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Path,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train one model on the fact world for cfg.epochs; returns (and writes) its result row."""
@@ -298,11 +309,10 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
     from ultramem.train.sparse import clip_grads
 
     result_path = run_dir / "result.json"
-    if result_path.exists():
-        done = json.loads(result_path.read_text())
-        if done.get("settings") == cfg.settings():
-            log(f"[capacity] {run_name(arch, multiple)}: reusing {result_path}")
-            return done
+    done = finished_run(cfg, run_dir)
+    if done is not None:
+        log(f"[capacity] {run_name(arch, multiple)}: reusing {result_path}")
+        return done
     world = cfg.world
     model_cfg = matched_config(arch, multiple, cfg, world)
     counts = accounting.count_params(model_cfg)
@@ -393,7 +403,14 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
     plan = cfg.plan()
     for arch, m in plan:  # size every model before training any: a bad size fails at once
         matched_config(arch, m, cfg, cfg.world)
-    if cfg.jobs == 1 or len(plan) == 1:
+    missing = []
+    if cfg.report_only:
+        missing = [run_name(a, m) for a, m in plan
+                   if finished_run(cfg, work / run_name(a, m)) is None]
+        plan = [(a, m) for a, m in plan if run_name(a, m) not in missing]
+        log(f"[capacity] reporting {len(plan)} finished runs; not run yet: "
+            f"{', '.join(missing) or 'none'}")
+    if cfg.jobs == 1 or len(plan) <= 1:
         rows = [train_capacity(cfg, a, m, work / run_name(a, m), log) for a, m in plan]
     else:
         import multiprocessing as mp
@@ -405,7 +422,7 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
             rows = [f.result() for f in futures]
     result = {"config": {**asdict(cfg), "archs": list(cfg.archs)}, "commit": commit,
               "python": sys.version.split()[0], "torch": torch.__version__,
-              "wall_seconds": time.perf_counter() - t0, "runs": rows}
+              "wall_seconds": time.perf_counter() - t0, "runs": rows, "not_run": missing}
     from ultramem.eval.capacity_report import write_capacity_report
 
     paths = write_capacity_report(result, Path(cfg.out))
