@@ -118,9 +118,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_kill_9_then_resume_reproduces_losses_exactly(tmp_path):
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_kill_9_then_resume_reproduces_losses_exactly(tmp_path, fmt):
     steps, every = 50, 5
-    args = ("--steps", str(steps), "--set", f"ckpt_every={every}")
+    args = ("--steps", str(steps), "--set", f"ckpt_every={every}", "--set", f"ckpt_format={fmt}")
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd(full, *args), check=True, env=_env(), capture_output=True)
 
@@ -184,3 +185,40 @@ def test_loading_a_run_directory_hashes_each_file_once(tmp_path, monkeypatch):
     (saved / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
         ckpt.load_model(saved)
+
+
+def test_sharded_checkpoints_in_one_process(tmp_path):
+    """ckpt_format=sharded without torchrun: torch.distributed.checkpoint shards (safetensors,
+    nothing pickled), keep_last rotation, model.safetensors only in the run's last checkpoint
+    (equal to what format `full` writes), and a resume that reproduces the losses exactly."""
+    from safetensors.torch import load_file
+
+    sharded = quick_train_cfg(steps=4, ckpt_every=1, keep_last=2, ckpt_format="sharded")
+    Trainer(small_cfg(), sharded, tmp_path / "s", show_progress=False).fit()
+    data = tmp_path / "s" / "data"
+    Trainer(small_cfg(), sharded.replace(ckpt_format="full"), tmp_path / "f", data,
+            show_progress=False).fit()
+    root = tmp_path / "s" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+    step3, step4 = root / "step_00000003", root / "step_00000004"
+    assert ckpt.is_sharded(step3) and not (step3 / "model.safetensors").exists()
+    assert not (step3 / "optimizer.pt").exists()
+    assert all(p.suffix == ".safetensors" for p in (step3 / "dcp").iterdir())
+    ckpt.verify_checkpoint(step3)
+    full = load_file(ckpt.resolve(tmp_path / "f") / "model.safetensors")
+    assert load_file(step4 / "model.safetensors").keys() == full.keys()
+    assert all(torch.equal(t, full[k]) for k, t in load_file(step4 / "model.safetensors").items())
+    assert all(torch.equal(t, full[k]) for k, t in ckpt.load_model(step4).state_dict().items()
+               if k in full)
+    losses = {run: [r["loss"] for r in read_metrics(tmp_path / run)] for run in ("s", "f")}
+    assert losses["s"] == losses["f"]
+    # Stop at 2, resume to 4: the same losses and weights, bit for bit.
+    Trainer(small_cfg(), sharded.replace(steps=2), tmp_path / "r", data,
+            show_progress=False).fit()
+    resumed = Trainer(small_cfg(), sharded, tmp_path / "r", resume=True, show_progress=False,
+                      train_overrides={"steps": 4})
+    assert resumed.start_step == 2
+    resumed.fit()
+    assert [r["loss"] for r in read_metrics(tmp_path / "r")] == losses["s"]
+    got = load_file(ckpt.resolve(tmp_path / "r") / "model.safetensors")
+    assert all(torch.equal(t, full[k]) for k, t in got.items())

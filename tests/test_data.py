@@ -1,12 +1,15 @@
-"""`ultramem prepare`: inputs, tokenizers, shards, splits, errors; the deterministic batch order."""
+"""`ultramem prepare`: inputs, tokenizers, shards, splits, errors, batched encoding; the
+deterministic batch order and the DataLoader around it."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import numpy as np
 import pytest
+import torch
 
 from ultramem.cli import main as cli_main
 from ultramem.data.prepare import DataError, prepare
@@ -193,3 +196,90 @@ def test_prepare_refuses_a_directory_it_did_not_write(tmp_path):
     assert (mine / "thesis.tex").read_text() == "keep"
     with pytest.raises(DataError, match="is a file"):
         prepare([str(f)], f)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_batched_encoding_writes_what_one_document_at_a_time_did(tmp_path, monkeypatch, tokenizer):
+    """`prepare` encodes documents in batches (`encode_batch`): the shards hold exactly the ids of
+    encoding each document alone (`_encode`, the previous path), across batch boundaries."""
+    from ultramem.data import prepare as prep
+
+    f = tmp_path / "docs.jsonl"
+    rng = random.Random(1)
+    words = ["memory", "value", "table", "key", "Ada", "cat", "héllo", "  ", "\n", "<|end"]
+    f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(
+        rng.randint(1, 40)))}) + "\n" for _ in range(45)))
+    sources = [str(f), "builtin:facts"]
+    monkeypatch.setattr(prep, "ENCODE_BATCH", 4)  # many batches, one cut mid-list
+    meta = prepare(sources, tmp_path / "batched", tokenizer=tokenizer, vocab_size=400)
+    tok = load_tokenizer(meta["tokenizer"], tmp_path / "batched")
+    expected: dict[str, list[int]] = {"train": [], "val": []}
+    pieces = prep._split(prep.iter_documents(sources), meta["n_documents"], 0.05)
+    for split, text in pieces:
+        expected[split] += prep._encode(tok, text)
+    for split in ("train", "val"):
+        assert _all_tokens(tmp_path / "batched", split).tolist() == expected[split], split
+    monkeypatch.setattr(prep, "ENCODE_BATCH", 1)  # one document per call: the same files
+    prepare(sources, tmp_path / "single", tokenizer=tokenizer, vocab_size=400)
+    assert {n: b for n, b in _snapshot(tmp_path / "batched").items() if n != "meta.json"} == \
+        {n: b for n, b in _snapshot(tmp_path / "single").items() if n != "meta.json"}
+
+
+def _order(tmp_path) -> BatchOrder:
+    f = tmp_path / "t.txt"
+    rng = random.Random(0)
+    f.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3000)))
+    prepare([str(f)], tmp_path / "d", val_fraction=0, shard_tokens=700)
+    return BatchOrder(TokenShards(tmp_path / "d", "train"), seq_len=16, batch_size=3, seed=2,
+                      rank=1, world=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_gives_batch_orders_batches(tmp_path, workers):
+    """The DataLoader around BatchOrder serves batch(k) exactly, with or without worker
+    processes, from the start, from a resume point (its first k), and after a jump; across
+    epoch boundaries (the order has 31 windows, 6 per step over both ranks)."""
+    from ultramem.data.shards import BatchLoader
+
+    order = _order(tmp_path)
+    ref = BatchOrder(order.shards, seq_len=16, batch_size=3, seed=2, rank=1, world=2)
+    # What a spawned worker receives: the shard paths, reopened there, not their contents.
+    blob = pickle.dumps(order.shards)
+    copy = pickle.loads(blob)
+    assert len(blob) < 1000 < order.shards.n_tokens
+    assert all(np.array_equal(a, b) for a, b in zip(copy.shards, order.shards.shards,
+                                                    strict=True))
+
+    def same(loader, ks):
+        for k in ks:
+            x, y = loader.batch(k)
+            rx, ry = ref.batch(k)
+            assert x.dtype == torch.int64 and torch.equal(x, rx) and torch.equal(y, ry), k
+
+    loader = BatchLoader(order, workers=workers, stop=12)
+    same(loader, range(12))
+    same(loader, [12, 13])  # past `stop`: it carries on
+    loader.close()
+    resumed = BatchLoader(order, workers=workers, stop=12)
+    same(resumed, [7, 8, 9, 3, 4, 11])  # a resume at 7, then a jump back and one forward
+    resumed.close()
+
+
+def test_trainer_losses_do_not_depend_on_data_workers(tmp_path):
+    from ultramem import ModelConfig
+    from ultramem.train.config import TrainConfig
+    from ultramem.train.metrics import read_metrics
+    from ultramem.train.trainer import Trainer
+
+    cfg = ModelConfig.preset("tiny").replace(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64,
+                                             max_seq_len=16, memory=None)
+    prepare(["builtin:facts"], tmp_path / "data")
+    losses = []
+    for workers in (0, 2):
+        train = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=0,
+                            ckpt_every=0, log_every=1, tensorboard=False, plot=False,
+                            device="cpu", threads=1, data_workers=workers)
+        out = tmp_path / f"w{workers}"
+        Trainer(cfg, train, out, tmp_path / "data", show_progress=False).fit()
+        losses.append([r["loss"] for r in read_metrics(out)])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -202,3 +202,128 @@ def test_export_keeps_a_tokenizer_file(tiny_model, tmp_path):
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("año")["input_ids"] == list("año".encode())
+
+
+# -- a complete transformers model: remote code, checkpointing, embeddings, hidden states ------
+
+_FRESH = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+
+assert "ultramem" not in sys.modules
+folder, expected = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+print(type(model).__module__, type(model).__name__)
+ids = torch.tensor([list(b"Hello, memory!")])
+assert torch.equal(model(ids, use_cache=False).logits, torch.load(expected))
+print("same logits")
+"""
+
+
+def test_exported_folder_loads_with_remote_code_in_a_fresh_process(tiny_model, exported,
+                                                                   tmp_path):
+    import subprocess
+    import sys
+
+    meta = json.loads((exported / "config.json").read_text())
+    assert meta["auto_map"] == {"AutoConfig": "configuration_ultramem.UltraMemConfig",
+                                "AutoModelForCausalLM": "modeling_ultramem.UltraMemForCausalLM"}
+    for name in ("configuration_ultramem.py", "modeling_ultramem.py"):
+        assert "from ultramem.hf import" in (exported / name).read_text()
+    with torch.no_grad():
+        torch.save(tiny_model(torch.tensor([list(b"Hello, memory!")]))[0], tmp_path / "logits.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", _FRESH, str(exported), str(tmp_path / "logits.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ultramem.hf", "UltraMemForCausalLM", "same", "logits"]
+
+
+@torch.no_grad()
+def test_inputs_embeds_hidden_states_and_tuples(tiny_model, exported):
+    hf = AutoModelForCausalLM.from_pretrained(exported)
+    idx = torch.randint(0, 256, (2, 9))
+    out = hf(idx, use_cache=False, output_hidden_states=True)
+    assert len(out.hidden_states) == hf.config.num_hidden_layers + 1 == tiny_model.cfg.n_layers + 1
+    assert torch.equal(out.hidden_states[0], hf.get_input_embeddings()(idx))
+    _, _, hidden = tiny_model(idx, output_hidden_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, hidden, strict=True))
+    by_embeds = hf(inputs_embeds=hf.get_input_embeddings()(idx), use_cache=False)
+    assert torch.equal(by_embeds.logits, out.logits)
+    assert hf(idx, use_cache=False).hidden_states is None  # off by default (config)
+    loss, logits = hf(idx, labels=idx, use_cache=False, return_dict=False)
+    assert torch.equal(logits, out.logits) and loss.dim() == 0
+    logits, cache = hf(idx, return_dict=False)  # use_cache (config default): the KVCache too
+    assert isinstance(cache, KVCache) and cache.pos == 9
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.x renames to activation_*
+def test_gradient_checkpointing_enable_gives_the_same_gradients(exported):
+    plain = AutoModelForCausalLM.from_pretrained(exported).train()
+    ckpt = AutoModelForCausalLM.from_pretrained(exported).train()
+    assert plain.supports_gradient_checkpointing and not ckpt.is_gradient_checkpointing
+    ckpt.gradient_checkpointing_enable()
+    assert ckpt.is_gradient_checkpointing and ckpt.model.activation_checkpointing
+    idx = torch.randint(0, 256, (2, 16))
+    for model in (plain, ckpt):
+        model(idx, labels=idx, use_cache=False).loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+    ckpt.gradient_checkpointing_disable()
+    assert not ckpt.model.activation_checkpointing and not ckpt.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_no_split_modules_and_tied_weights(tiny_cfg, tmp_path, tied):
+    from safetensors import safe_open
+
+    model = LM(tiny_cfg.replace(n_layers=2, tie_embeddings=tied), seed=0)
+    export(model, tmp_path)
+    loaded, info = UltraMemForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    classes = {type(m).__name__ for m in loaded.modules()}
+    assert set(loaded._no_split_modules) <= classes
+    assert loaded._tied_weights_keys == {} and loaded.all_tied_weights_keys == {}
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed.weight" in keys and ("model.head.weight" in keys) is not tied
+    # tied: the output layer is the embedding matrix itself, one tensor
+    assert (loaded.get_output_embeddings() is None) is tied
+    _assert_same_state(model, loaded.model)
+
+
+def test_plain_construction_initialises_as_lm_and_meta_needs_no_workaround(tiny_cfg):
+    cfg = tiny_cfg.replace(n_layers=2)
+    built = UltraMemForCausalLM(UltraMemConfig.from_model_config(cfg))
+    _assert_same_state(LM(cfg, seed=0), built.model)
+    with torch.device("meta"):
+        empty = UltraMemForCausalLM(UltraMemConfig.from_model_config(cfg))
+    assert all(t.is_meta for t in empty.state_dict().values())
+
+
+def test_a_checkpoint_missing_tensors_loads_them_fresh(tiny_cfg, tmp_path):
+    """Folders written before the pre-selection direction was saved lack `direction_ref`: it
+    starts from zero (as `TuckerProductKeys` loads old checkpoints). A missing parameter takes a
+    new model's value (seed 0). Every other tensor loads."""
+    from safetensors.torch import load_file, save_file
+
+    model = LM(tiny_cfg.replace(n_layers=2), seed=3)
+    export(model, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    dropped = [k for k in weights if k.endswith("direction_ref")] + ["model.blocks.1.ffn.up.weight"]
+    assert len(dropped) == 3
+    save_file({k: v for k, v in weights.items() if k not in dropped},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded, info = UltraMemForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(dropped)
+    fresh = LM(tiny_cfg.replace(n_layers=2), seed=0).blocks[1].ffn.up.weight
+    for key, value in model.state_dict().items():
+        got = loaded.model.state_dict()[key]
+        if key.endswith("direction_ref"):
+            assert torch.equal(got, torch.zeros_like(value))
+        elif key == "blocks.1.ffn.up.weight":
+            assert torch.equal(got, fresh)
+        else:
+            assert torch.equal(got, value), key

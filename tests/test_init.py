@@ -1,6 +1,10 @@
-"""Initialization: the memory branch starts balanced against the FFN, in every block."""
+"""Initialization: the memory branch starts balanced against the FFN, in every block; the same
+seed gives the same weights as before modules owned their init, also built on the meta device."""
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +96,73 @@ def test_score_calibration_holds_up_to_half_the_grid_and_top_m_is_bounded_there(
         UltraMemV2Config(n_keys=n, top_m=n * n // 2 + 1)
     with pytest.raises(ConfigError, match="^top_m: .*half"):
         UltraMemV1Config(n_keys=4, virtual_blocks=4, top_m=33)  # 64 virtual slots
+
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "init_reference.json").read_text())
+
+
+def _weighted_sum(t: torch.Tensor) -> tuple[float, float]:
+    """sum_i cos(0.7 i) x_i and sum_i |cos(0.7 i) x_i| in float64 (the reference's fingerprint):
+    any change of which random numbers land where, or of their scale, moves it."""
+    x = t.detach().reshape(-1).double()
+    w = torch.cos(torch.arange(x.numel(), dtype=torch.float64) * 0.7)
+    return float((w * x).sum()), float((w * x).abs().sum())
+
+
+def _sha(state: dict[str, torch.Tensor]) -> str:
+    def digest(t: torch.Tensor) -> str:
+        raw = t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    lines = "".join(f"{k}={digest(v)}\n" for k, v in sorted(state.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["models"]))
+def test_same_seed_same_weights_as_before_modules_owned_their_init(name):
+    """tests/data/init_reference.json was written by the code before issue 17 (one init function
+    for the whole model). Bit for bit where torch and the CPU are the ones it was written on (the
+    Monte Carlo calibration's float32 sums round by platform and thread count), else to 1e-6."""
+    ref = REFERENCE["models"][name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = LM(ModelConfig.from_dict(ref["config"]), seed=ref["seed"]).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(k for k, v in state.items() if v.is_floating_point()) == sorted(ref["dot"])
+    for key, want in ref["dot"].items():
+        got, scale = _weighted_sum(state[key])
+        assert abs(got - want) <= 1e-6 * scale + 1e-12, key
+    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) == (REFERENCE["torch"],
+                                                                        REFERENCE["cpu"]):
+        assert _sha(state) == ref["sha256"]
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe", "pkm", "peer", "memory_plus", "ultramem_v1",
+                                  "ultramem_v2"])
+def test_meta_device_build_then_init_gives_the_same_model(arch):
+    cfg = ModelConfig.preset(f"tiny/{arch}")
+    with torch.device("meta"):
+        model = LM(cfg, init=False)
+    assert all(t.is_meta for t in model.state_dict().values())
+    with pytest.raises(ValueError, match="meta device"):
+        model.init_weights(seed=5)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=5)
+    ref = LM(cfg, seed=5)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(model.rope_cos, ref.rope_cos) and torch.equal(model.rope_sin, ref.rope_sin)
+    assert [layer.init_stats for layer in model.memory_layers()] == [
+        layer.init_stats for layer in ref.memory_layers()]
+
+
+def test_init_weights_again_restores_the_initial_model():
+    model = LM(ModelConfig.preset("tiny/pkm"), seed=2)  # PKM: BatchNorm-free, calibrated table
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.init_weights(seed=2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in first.items())

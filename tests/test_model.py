@@ -1,4 +1,7 @@
-"""LM end to end: gradients reach every parameter, errors are clear, bf16 autocast runs."""
+"""LM end to end: gradients reach every parameter, errors are clear, bf16 autocast runs,
+activation checkpointing changes nothing but memory."""
+
+import copy
 
 import pytest
 import torch
@@ -155,3 +158,110 @@ def test_nan_in_a_tucker_core_gives_a_nan_loss_not_an_exception(name, changes):
     _, loss = model(idx, tgt)
     loss.backward()
     assert torch.isnan(loss)
+
+
+# -- activation checkpointing -----------------------------------------------------------------
+
+_CKPT_CASES = {
+    # aux losses popped after each forward; the pre-selection direction advances with the cores
+    "ultramem_v2": ("tiny", {"n_layers": 2, "memory": {"tucker_penalty": 0.01, "tucker_tau": 0.0,
+                                                        "balance_loss": 0.01}}),
+    "moe": ("tiny/moe", {"n_layers": 2, "memory": {"balance_loss": 0.01, "z_loss": 0.001}}),
+    # BatchNorm query norms update running statistics in every training forward
+    "pkm_batchnorm": ("tiny/pkm", {"memory": {"query_norm": "batch"}}),
+    "ultramem_v1_skip": ("tiny/ultramem_v1", {}),  # outputs handed to a later block
+}
+
+
+def _saved_bytes(model, idx):
+    """Bytes autograd keeps for the backward of one forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    return total
+
+
+@pytest.mark.parametrize("case", sorted(_CKPT_CASES))
+def test_activation_checkpointing_gives_the_same_training_steps(case):
+    """Two SGD steps with and without checkpointing: equal losses, gradients, weights and buffers
+    (recomputation must not count an aux loss twice nor advance BatchNorm statistics or the
+    pre-selection direction twice), and less memory kept for the backward."""
+    name, changes = _CKPT_CASES[case]
+    plain = LM(ModelConfig.preset(name).replace(**changes), seed=0)
+    ckpt = copy.deepcopy(plain)
+    ckpt.activation_checkpointing = True
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, ckpt)]
+    idx = torch.randint(0, 256, (2, 24))
+    for _ in range(2):
+        losses = []
+        for model, opt in zip((plain, ckpt), opts, strict=True):
+            opt.zero_grad()
+            _, loss = model(idx, idx)
+            loss.backward()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1])
+        assert (plain.aux_loss is None) == (ckpt.aux_loss is None)
+        for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+        for opt in opts:
+            opt.step()
+    for (n, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=n)
+    assert _saved_bytes(ckpt, idx) < 0.5 * _saved_bytes(plain, idx)
+
+
+def test_activation_checkpointing_is_off_without_gradients(tiny_model):
+    idx = torch.randint(0, 256, (1, 8))
+    tiny_model.activation_checkpointing = True
+    try:
+        with torch.no_grad():
+            logits, _ = tiny_model(idx)
+        assert torch.equal(logits, tiny_model.eval()(idx)[0])
+    finally:
+        tiny_model.activation_checkpointing = False
+
+
+# -- inputs_embeds and hidden states --------------------------------------------------------------
+
+
+def test_inputs_embeds_and_hidden_states(tiny_model):
+    idx, tgt = _batch(tiny_model.cfg, b=2, t=12)
+    with torch.no_grad():
+        logits, loss = tiny_model(idx, tgt)
+        logits2, loss2, hidden = tiny_model(inputs_embeds=tiny_model.embed(idx), targets=tgt,
+                                            output_hidden_states=True)
+    assert torch.equal(logits2, logits) and torch.equal(loss2, loss)
+    assert len(hidden) == tiny_model.cfg.n_layers + 1
+    assert all(h.shape == (2, 12, tiny_model.cfg.d_model) for h in hidden)
+    assert torch.equal(hidden[0], tiny_model.embed(idx))
+    assert torch.equal(torch.nn.functional.linear(hidden[-1], tiny_model.embed.weight), logits)
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_model(idx, inputs_embeds=tiny_model.embed(idx))
+    with pytest.raises(ValueError, match="d_model=128"):
+        tiny_model(inputs_embeds=torch.zeros(1, 4, 64))
+
+
+def test_train_config_switch_is_applied_by_the_trainer(tmp_path):
+    from ultramem.train.config import TrainConfig
+    from ultramem.train.trainer import Trainer
+
+    cfg = ModelConfig.preset("tiny").replace(n_layers=2, max_seq_len=32)
+    states = {}
+    for on in (False, True):
+        train_cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=1, eval_every=0,
+                                ckpt_every=0, tensorboard=False, plot=False, device="cpu",
+                                precision="fp32", activation_checkpointing=on)
+        trainer = Trainer(cfg, train_cfg, tmp_path / str(on), show_progress=False)
+        assert trainer.model.activation_checkpointing is on
+        trainer.fit()
+        states[on] = trainer.model.state_dict()
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -1,8 +1,10 @@
 """Every initialization formula of REFERENCE.md section 4, in one place.
 
-`init_lm` initialises a whole `ultramem.LM`: embeddings, attention and FFNs here, each sparse
-layer through its own `init_weights` hook (`ultramem.layers.common.SparseLayer`), which applies
-the formulas and procedures below (`init_tucker_keys`, `init_product_keys`, `balance_table`, ...).
+Modules own their init and call the formulas here: attention and FFN (`ultramem.model`,
+`ultramem.layers.ffn`) and each sparse layer through its `init_weights` hook
+(`ultramem.layers.common.SparseLayer`), which applies the procedures below (`init_tucker_keys`,
+`init_product_keys`, `balance_table`, ...). `init_lm` initialises a whole `ultramem.LM` in a fixed
+order (`LM.init_weights`, after construction: build first, initialise after).
 
 The point is balance: at init, on unit-variance input, a block's memory output variance equals its
 FFN output variance. The chain, for a memory layer with top_m = m, Dv, Dp and value std sigma_V:
@@ -111,6 +113,7 @@ def init_tucker_keys(keys: nn.Module, score_fn, n_samples: int, d_model: int,
     keys.cores.copy_(base.unsqueeze(0) + noise)
     keys.query_gain.fill_(1.0)
     keys.key_gain.fill_(1.0)
+    keys.direction_ref.zero_()  # a new model: the sign rule starts afresh (ultramem.retrieval)
     x = torch.randn(n_samples, d_model, generator=generator).to(keys.keys.device)
     scores = score_fn(x)  # [T, m, c]
     mean = scores.sum(-1).mean().item()
@@ -185,29 +188,26 @@ def balance_table(layer: nn.Module, table: Tensor, target_var: float, generator:
 
 @torch.no_grad()
 def init_lm(model: nn.Module, seed: int = 0) -> None:
-    """Initialise every weight of an `ultramem.LM` (REFERENCE.md section 4)."""
+    """Initialise every weight and computed buffer of an `ultramem.LM` (REFERENCE.md section 4);
+    `LM.init_weights` calls this. Each module sets its own parameters (`reset_parameters`,
+    `init_weights`, `reset_buffers`); this function fixes their order (one generator, drawn in
+    the order embeddings, output head, each block's attention and FFN, each sparse layer) and
+    the sparse layers' balance target, the exact SwiGLU output variance."""
     cfg: ModelConfig = model.cfg
     gen = torch.Generator().manual_seed(seed)
     h, L = cfg.d_model, cfg.n_layers
-    std = linear_std(h)
-    for p in model.parameters():
-        if p.dim() == 1:  # norm gains
-            p.fill_(1.0)
-    model.embed.weight.normal_(std=std, generator=gen)
+    model.init_rope()
+    for module in model.modules():  # computed buffers (shuffles), before any retrieval runs
+        if module is not model and hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    model.embed.weight.normal_(std=linear_std(h), generator=gen)
     if model.head is not None:
-        model.head.weight.normal_(std=std, generator=gen)
-    for module in model.modules():  # affine norms with a bias start at identity
-        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d) and module.bias is not None:
-            module.bias.zero_()
+        model.head.weight.normal_(std=linear_std(h), generator=gen)
+    for block in model.blocks:
+        block.init_weights(gen, L)
+    model.norm.reset_parameters()
     ffn_var = swiglu_output_variance(h, cfg.ffn_hidden, L)
     paper_var = paper_ffn_output_variance(h, cfg.ffn_hidden, L)  # for the record
-    for block in model.blocks:
-        for lin in (block.attn.qkv, block.attn.proj):
-            lin.weight.normal_(std=std, generator=gen)
-        if block.ffn is not None:
-            for lin in (block.ffn.gate, block.ffn.up):
-                lin.weight.normal_(std=std, generator=gen)
-            block.ffn.down.weight.normal_(std=ffn_output_std(h, L), generator=gen)
     for i, layer in enumerate(model.memory_layers()):
         # A shared store is initialised once, from the first layer's statistics.
         stats = layer.init_weights(ffn_var, L, gen, init_tables=model.value_store is None or i == 0)

@@ -3,15 +3,23 @@
 Per block (pre-norm): x = x + attn(n1(x)); u = n2(x); x = x + ffn(u) + memory(u).
 Attention: RoPE, optional QK-norm, causal `scaled_dot_product_attention`. FFN: SwiGLU.
 The sparse layer is built from `cfg.memory` (kind and placement), so baselines slot in by config.
+
+Build first, initialise after: constructing an `LM` allocates its modules (also on the meta
+device); `LM.init_weights(seed)` then sets every parameter and computed buffer, each module
+through its own `init_weights`/`reset_parameters` (formulas in `ultramem.init`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ultramem.config import ModelConfig
+from ultramem.init import init_lm, linear_std
 from ultramem.layers import build_memory_layer, build_value_store
 from ultramem.layers.ffn import SwiGLU
 from ultramem.retrieval import rms_norm
@@ -22,6 +30,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         # float32 whatever the input (bf16 activations, autocast); torch's fused kernel
@@ -140,6 +152,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Both maps std sqrt(2/(5h)) (REFERENCE.md section 4), QK-norm gains 1."""
+        std = linear_std(self.qkv.in_features)
+        for lin in (self.qkv, self.proj):
+            lin.weight.normal_(std=std, generator=generator)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 cache: LayerCache | None = None) -> Tensor:
         """x [B, T, h]; cos/sin [T, d/2] for the positions of x (offset by the cache position)."""
@@ -159,28 +181,20 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, h))
 
 
-class SkipCarry:
-    """Outputs of skip-layer sparse layers (UltraMem v1) waiting for the block they join.
-
-    Block `read` stores its layer's output under the index of block `write`, which adds it to the
-    residual after its own update. Entries are overwritten, never accumulated, so an interrupted
-    forward leaves nothing behind that the next one would add.
-    """
-
-    def __init__(self) -> None:
-        self.pending: dict[int, Tensor] = {}
-
-
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(n1(x)); u = n2(x); x = x + ffn(u) + sparse(u).
 
     has_ffn=False drops the FFN where the sparse layer replaces it (MoE, PKM, PEER, Memory+).
     write_at: the block after which the sparse layer's output joins the residual (default: this
-    one); a later block means skip-layer placement, handed over through the shared `carry`.
+    one); a later block means skip-layer placement (UltraMem v1): the output is returned and
+    `LM.forward` hands it to block `write_at` as `late`.
+
+    forward keeps no state between calls (what it hands on, it returns), so activation
+    checkpointing may run it a second time.
     """
 
     def __init__(self, cfg: ModelConfig, memory: nn.Module | None, *, has_ffn: bool = True,
-                 index: int = 0, write_at: int | None = None, carry: SkipCarry | None = None):
+                 index: int = 0, write_at: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
@@ -189,28 +203,60 @@ class Block(nn.Module):
         self.memory = memory
         self.index = index
         self.write_at = index if write_at is None else write_at
-        if self.write_at != index and carry is None:
-            raise ValueError(f"block {index}: output to block {self.write_at} needs a carry")
-        self.carry = carry
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
-                cache: LayerCache | None = None) -> Tensor:
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, n_layers: int) -> None:
+        """The dense parts: norms, attention, FFN. The sparse layer is initialised by
+        `ultramem.init.init_lm` after every block's dense parts (its balance target needs them
+        all; the random draws keep that order)."""
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.init_weights(generator)
+        if self.ffn is not None:
+            self.ffn.init_weights(generator, n_layers)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None,
+                late: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x [B, T, h] -> (x [B, T, h], carried, aux).
+
+        late: an earlier block's sparse output that joins the residual here (skip placement).
+        carried: this block's sparse output for block `write_at` when that is a later block,
+        else None. aux: the sparse layer's auxiliary loss of this call (None if off or without
+        gradients)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         u = self.ffn_norm(x)  # the FFN's input is also the memory's input
         out = self.ffn(u) if self.ffn is not None else None
+        carried = aux = None
         if self.memory is not None:
             mem = self.memory(u)
+            aux = self.memory.pop_aux_loss() if torch.is_grad_enabled() else None
             if self.write_at == self.index:
                 out = mem if out is None else out + mem
             else:
-                self.carry.pending[self.write_at] = mem
+                carried = mem
         if out is not None:
             x = x + out
-        if self.carry is not None:
-            late = self.carry.pending.pop(self.index, None)
-            if late is not None:
-                x = x + late
-        return x
+        if late is not None:
+            x = x + late
+        return x, carried, aux
+
+
+@contextmanager
+def restoring_buffers(module: nn.Module):
+    """Put back every buffer of module that the enclosed code changes in place.
+
+    Activation checkpointing runs a block's forward a second time during the backward; buffers
+    a forward updates (BatchNorm running statistics of PKM/PEER queries, the pre-selection
+    direction of `TuckerProductKeys`) must advance once per step, not twice."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                # by value: BatchNorm's kernel updates its statistics without a version bump
+                if not torch.equal(buf, value):
+                    buf.copy_(value)
 
 
 class LM(nn.Module):
@@ -218,6 +264,12 @@ class LM(nn.Module):
 
     targets use -100 for positions to ignore. When gradients are enabled, auxiliary losses of the
     sparse layers (off by default) are added to the loss; `aux_loss` keeps the last one.
+
+    init=False only builds (tables allocated empty, torch's default init elsewhere, buffers
+    computed): for loading weights, or on the meta device followed by `to_empty` and
+    `init_weights(seed)`.
+    activation_checkpointing: recompute each block's activations in the backward instead of
+    keeping them (`torch.utils.checkpoint`, non-reentrant); same gradients, less memory.
     """
 
     def __init__(self, cfg: ModelConfig, *, seed: int = 0, init: bool = True):
@@ -227,7 +279,6 @@ class LM(nn.Module):
         self.value_store = build_value_store(cfg)
         writes = dict(cfg.memory_placement)  # read block -> write block
         ffn_blocks = set(cfg.ffn_blocks)
-        carry = SkipCarry() if any(r != w for r, w in writes.items()) else None
         blocks, slot = [], 0
         for i in range(cfg.n_layers):
             memory = None
@@ -235,7 +286,7 @@ class LM(nn.Module):
                 memory = build_memory_layer(cfg, slot=slot, store=self.value_store)
                 slot += 1
             blocks.append(Block(cfg, memory, has_ffn=i in ffn_blocks, index=i,
-                                write_at=writes.get(i, i), carry=carry))
+                                write_at=writes.get(i, i)))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = (None if cfg.tie_embeddings
@@ -244,20 +295,34 @@ class LM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.aux_loss: Tensor | None = None
+        self.activation_checkpointing = False
         if init:
-            from ultramem.init import init_lm
+            self.init_weights(seed)
 
-            init_lm(self, seed=seed)
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Set every parameter and computed buffer from `seed` (REFERENCE.md section 4,
+        `ultramem.init.init_lm`): the same seed gives the same weights, bit for bit, whether the
+        model was built here or on the meta device and moved with `to_empty(device="cpu")`."""
+        if any(t.is_meta for t in (*self.parameters(), *self.buffers())):
+            raise ValueError("LM.init_weights: the model is on the meta device; allocate it "
+                             "first with model.to_empty(device=...)")
+        init_lm(self, seed=seed)
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables, float32 on the model's device (buffers not saved)."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
 
     def _apply(self, fn, recurse=True):
         # RoPE tables stay float32 whatever dtype the weights are cast to (bf16 positions would
         # lose precision): rebuild them on their new device after every .to()/.half()/...
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32:
-            cfg = self.cfg
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.rope_cos = cos.to(self.rope_cos.device)
-            self.rope_sin = sin.to(self.rope_sin.device)
+            self.init_rope()
         return self
 
     def memory_layers(self) -> list[nn.Module]:
@@ -269,9 +334,7 @@ class LM(nn.Module):
             raise ValueError(
                 f"idx must be an integer [B, T] tensor, got {idx.dtype} {tuple(idx.shape)}"
             )
-        if past + idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {past} cached + {idx.shape[1]} new > "
-                             f"max_seq_len={self.cfg.max_seq_len}")
+        self._check_length(idx.shape[1], past)
         # Range check only where it costs no device sync; on GPUs the embedding asserts instead.
         if idx.device.type == "cpu" and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
@@ -279,6 +342,24 @@ class LM(nn.Module):
                 raise ValueError(
                     f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got [{lo}, {hi}]"
                 )
+
+    def _check_length(self, t: int, past: int) -> None:
+        if past + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past} cached + {t} new > "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+
+    def _embed(self, idx: Tensor | None, inputs_embeds: Tensor | None, past: int) -> Tensor:
+        """Token ids [B, T] or given embeddings [B, T, h] -> the first residual [B, T, h]."""
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of idx (token ids) and inputs_embeds")
+        if idx is not None:
+            self._check_input(idx, past)
+            return self.embed(idx)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"inputs_embeds must be [B, T, d_model={self.cfg.d_model}], got "
+                             f"{tuple(inputs_embeds.shape)}")
+        self._check_length(inputs_embeds.shape[1], past)
+        return inputs_embeds
 
     @staticmethod
     def _attention_mask(t: int, past: int, attention_mask: Tensor | None,
@@ -300,43 +381,62 @@ class LM(nn.Module):
             mask = (mask & keep) | (k_pos[None, :] == q_pos[:, None])[None, None]
         return mask
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor | None = None, targets: Tensor | None = None, *,
+                cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, output_hidden_states: bool = False
+                ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, list[Tensor]]:
         """idx [B, T] -> (logits [B, T, V], loss or None).
 
         cache: a `KVCache` holding the previous tokens; idx continues them (RoPE positions start at
         cache.pos) and the cache advances by T. attention_mask: [B, past + T], 1 for real tokens and
         0 for padding (left-padded batches); padding keys are never attended to.
+        inputs_embeds [B, T, h] replaces idx (embeddings computed elsewhere, e.g. `self.embed`).
+        output_hidden_states: also return the n_layers + 1 hidden states [B, T, h] in Hugging
+        Face's order: the embeddings, the output of every block but the last, and the final
+        normed output (what the head reads).
         """
         past = 0 if cache is None else cache.pos
-        self._check_input(idx, past)
-        t = idx.shape[1]
+        x = self._embed(idx, inputs_embeds, past)  # [B, T, h]
+        b, t = x.shape[:2]
         cos, sin = self.rope_cos[past:past + t], self.rope_sin[past:past + t]
-        mask = self._attention_mask(t, past, attention_mask, idx.device)
+        mask = self._attention_mask(t, past, attention_mask, x.device)
         if cache is not None:
-            if cache.batch != idx.shape[0]:
-                raise ValueError(f"cache holds batch {cache.batch}, idx has batch {idx.shape[0]}")
+            if cache.batch != b:
+                raise ValueError(f"cache holds batch {cache.batch}, input has batch {b}")
             cache.reserve(past + t)
-        x = self.embed(idx)  # [B, T, h]
         plain = cache is None and mask is None
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        hidden = [x] if output_hidden_states else None
+        pending: dict[int, Tensor] = {}  # skip placement: block index -> sparse output to add
+        aux = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if plain else LayerCache(cache, i, mask))
+            layer_cache = None if plain else LayerCache(cache, i, mask)
+            args = (x, cos, sin, layer_cache, pending.pop(i, None))
+            if recompute:
+                x, carried, extra = checkpoint(
+                    block, *args, use_reentrant=False,
+                    context_fn=lambda block=block: (nullcontext(), restoring_buffers(block)))
+            else:
+                x, carried, extra = block(*args)
+            if carried is not None:
+                pending[block.write_at] = carried
+            if extra is not None:
+                aux = extra if aux is None else aux + extra
+            if hidden is not None and i < len(self.blocks) - 1:
+                hidden.append(x)
         if cache is not None:
             cache.advance(t)
         x = self.norm(x)
+        if hidden is not None:
+            hidden.append(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
-        aux = None
-        if torch.is_grad_enabled():
-            for layer in self.memory_layers():
-                extra = layer.pop_aux_loss()
-                if extra is not None:
-                    aux = extra if aux is None else aux + extra
         self.aux_loss = aux
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=-100)
-        return logits, loss if aux is None else loss + aux
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                   targets.reshape(-1), ignore_index=-100)
+            loss = loss if aux is None else loss + aux
+        return (logits, loss, hidden) if output_hidden_states else (logits, loss)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -1,7 +1,9 @@
 """`ultramem export --checkpoint DIR --out HF_DIR`: a training checkpoint as a transformers folder.
 
-The folder loads with `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
-`AutoTokenizer.from_pretrained(HF_DIR)` after `import ultramem.hf` (needs the `hf` extra).
+The folder loads with `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`
+(its config.json's auto_map names two small modules in the folder that import the classes from
+the installed ultramem package; needs the `hf` extra) and `AutoTokenizer.from_pretrained(HF_DIR)`;
+after `import ultramem.hf`, trust_remote_code is not needed.
 
 The checkpoint is loaded and verified as `generate` loads it (checksums, NaN/inf weights,
 shuffle buffers), so a damaged one is refused, not copied. The folder is written beside --out

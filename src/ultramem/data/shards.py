@@ -6,6 +6,7 @@ seq_len + 1 tokens at stride seq_len inside each shard. The order is a pure func
 (seed, sample index): sample k lies in epoch k // n_windows at position
 permutation(seed, epoch)[k % n_windows]. A run's data position is therefore one integer, and
 resuming at sample k reproduces the uninterrupted order exactly, on any number of ranks.
+`BatchLoader` serves the same batches from DataLoader worker processes, prepared ahead.
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ class TokenShards:
                        for name in meta["splits"][split]["shards"]]
         self.n_tokens = sum(len(s) for s in self.shards)
         self.vocab_size = int(meta["vocab_size"])
+        self._dtype, self._names = dtype, list(meta["splits"][split]["shards"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A DataLoader worker started by spawn/forkserver gets a pickled copy: reopen the memmaps
+        # there instead of pickling their contents.
+        return {k: v for k, v in self.__dict__.items() if k != "shards"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.shards = [np.memmap(self.dir / name, dtype=self._dtype, mode="r")
+                       for name in self._names]
 
 
 @dataclass
@@ -136,3 +148,54 @@ class BatchOrder:
         rows = np.stack([self.sample(first + i) for i in range(self.batch_size)]).astype(np.int64)
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item k is `order.batch(k)`: what a DataLoader's workers compute."""
+
+    def __init__(self, order: BatchOrder):
+        self.order = order
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.order.batch(k)  # any k >= 0: epochs repeat; the sampler picks them
+
+
+class BatchLoader:
+    """`order.batch(k)` served by a `torch.utils.data.DataLoader`: `workers` processes prepare
+    the next batches (`prefetch` each) while the step runs, pinned in page-locked memory when
+    `pin_memory` (for CUDA). `batch(k)` returns exactly `order.batch(k)` whatever the workers:
+    consecutive k come from the prefetching loader, which starts at the first k asked for (a
+    resume asks for its step first) and restarts wherever a jump lands."""
+
+    def __init__(self, order: BatchOrder, *, workers: int = 0, prefetch: int = 2,
+                 pin_memory: bool = False, stop: int | None = None):
+        self.order, self.workers, self.prefetch = order, workers, prefetch
+        self.pin_memory, self.stop = pin_memory, stop
+        self._it, self._next = None, None
+
+    def _start(self, k: int) -> None:
+        self.close()
+        stop = self.stop if self.stop is not None and self.stop > k else k + (1 << 40)
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.order), batch_size=None, sampler=range(k, stop),
+            num_workers=self.workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch if self.workers else None)
+        self._it, self._next = iter(loader), k
+
+    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y [batch_size, seq_len] int64 of micro-batch k (= `order.batch(k)`)."""
+        if self._it is None or k != self._next:
+            self._start(k)
+        try:
+            x, y = next(self._it)
+        except StopIteration:  # past `stop`: keep going from here
+            self._start(k)
+            x, y = next(self._it)
+        self._next = k + 1
+        return x, y
+
+    def close(self) -> None:
+        """Stop the workers (they also stop when the loader is garbage-collected)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()

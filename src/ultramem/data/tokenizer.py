@@ -21,6 +21,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def spec(self) -> dict[str, Any]: ...
@@ -37,6 +39,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -60,6 +65,7 @@ class BPETokenizer:
         return self.tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text, computed in parallel by `tokenizers` (same ids)."""
         return [e.ids for e in self.tok.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -7,6 +7,16 @@ runs lm-eval's own command line after registering the model, and adds `--include
 YAMLs in `ultramem/eval/lm_eval_tasks/` (one per task, generated locally: nothing is downloaded).
 `lm_eval` alone cannot find a model that is not imported, hence the module entry point; in Python,
 `import ultramem.eval.lm_eval_adapter` then `lm_eval.simple_evaluate(model="ultramem", ...)`.
+(An exported folder, `ultramem export`, also runs on lm-eval's own `hf` backend:
+`--model hf --model_args pretrained=DIR,trust_remote_code=True`, plus `prefix_token_id=10` for a
+byte-level folder, which has no BOS/EOS token; docs/evaluation.md.)
+
+The model is a `TemplateLM`, so requests are tokenized by lm-eval's rules, as for its `hf`
+backend: trailing spaces of a context move to the continuation, and the continuation's tokens
+are those of context + continuation after the context's own tokens. With a BPE tokenizer that
+matters where tokens merge across the boundary (" 42" is one token, not " " then "42"). An empty
+context is the prefix token: the end-of-text token, or for byte checkpoints (which have none)
+the newline that separates documents.
 
 The tasks are `loglikelihood` tasks whose `acc` is lm-eval's is_greedy: the answer is right when
 greedy decoding produces it, the same criterion as `ultramem.eval.task_eval`.
@@ -20,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM as HarnessLM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -28,7 +38,7 @@ TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 
 @register_model("ultramem")
-class UltraMemHarnessLM(HarnessLM):
+class UltraMemHarnessLM(TemplateLM):
     """`model_args`: checkpoint=DIR (a checkpoint or run directory), device=cpu, batch_size=8."""
 
     def __init__(self, checkpoint: str, device: str | None = "cpu", batch_size: int | str = 8,
@@ -49,6 +59,24 @@ class UltraMemHarnessLM(HarnessLM):
         # No BOS token: the end-of-text token when the tokenizer has one, else a newline.
         eos = getattr(self.tok, "eos_id", None)
         self.prefix_id = eos if eos is not None else self.tok.encode("\n")[0]
+
+    # -- TemplateLM's tokenizer hooks -------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        """End of text, also the prefix of an empty context (byte checkpoints: the newline)."""
+        return self.prefix_id
+
+    @property
+    def max_length(self) -> int:
+        return self.max_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **_: Any) -> list[int]:
+        return self.tok.encode(string)  # our tokenizers add no special tokens
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -74,25 +102,23 @@ class UltraMemHarnessLM(HarnessLM):
                             bool((lp.argmax(-1) == gold).all())))
         return out
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = []
-        for req in requests:
-            context, continuation = req.args
-            ctx = self.tok.encode(context) if context else [self.prefix_id]
-            pairs.append((ctx, self.tok.encode(continuation)))
-        return self._score(pairs)
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              **_: Any) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation), context ids, continuation ids), tokenized by
+        `TemplateLM.loglikelihood`."""
+        return self._score([(ctx, cont) for _, ctx, cont in requests])
 
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for req in requests:
-            ids = self.tok.encode(req.args[0])
+            ids = self.tok_encode(req.args[0])
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                ids, self.prefix_id, self.max_len, context_len=1)]
+                ids, self.prefix_token_id, self.max_length, context_len=1)]
             out.append(sum(lp for lp, _ in self._score(windows)))
         return out
 
     @torch.no_grad()
-    def generate_until(self, requests) -> list[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
         for req in requests:
             context, kwargs = req.args
@@ -100,10 +126,10 @@ class UltraMemHarnessLM(HarnessLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = (self.tok.encode(context) or [self.prefix_id])[-(self.max_len - 1):]
+            ids = (self.tok_encode(context) or [self.prefix_token_id])[-(self.max_length - 1):]
             x = torch.tensor([ids], device=self._device)
             y = self.model.generate(x, n, temperature=0.0)
-            text = self.tok.decode(y[0, len(ids):].tolist())
+            text = self.tok_decode(y[0, len(ids):].tolist())
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]

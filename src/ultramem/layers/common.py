@@ -56,6 +56,8 @@ class SparseLayer(nn.Module):
       n_rows                rows `retrieve` addresses (value rows, experts)
       value_parameters()    the sparse tables: their own lr group, sparse updates allowed
       init_weights(...)     its init, from the formulas of `ultramem.init`
+      reset_buffers()       recompute buffers that are derived, not learned (shuffles); called
+                            by `ultramem.init.init_lm` before any init_weights
       diagnostics(u)        usage statistics (`ultramem.diagnostics.layer_diagnostics`)
       dense_params, sparse_tables, retrieval_flops
                             its cost model, static, from a config (`ultramem.accounting`)
@@ -102,6 +104,9 @@ class SparseLayer(nn.Module):
         once. The model sums these over its layers."""
         loss, self._aux_loss = self._aux_loss, None
         return loss
+
+    def reset_buffers(self) -> None:
+        """Recompute the derived buffers (none by default): after `to_empty`, before init."""
 
     def init_weights(self, target_var: float, n_layers: int, generator: torch.Generator, *,
                      init_tables: bool = True) -> dict[str, float]:

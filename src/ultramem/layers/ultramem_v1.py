@@ -42,9 +42,18 @@ class UltraMemV1Layer(SparseLayer):
         )
         self.values = nn.Parameter(torch.empty(cfg.n_values, cfg.value_dim))
         self.out_proj = nn.Linear(cfg.virtual_blocks * cfg.value_dim, d_model, bias=False)
-        gen = torch.Generator().manual_seed(cfg.seed + 7919 * (slot + 1))
-        perms = [torch.randperm(cfg.n_virtual, generator=gen) for _ in range(cfg.n_heads)]
-        self.register_buffer("perm", torch.stack(perms))  # [H, E*N]
+        self.register_buffer("perm", self._shuffles())  # [H, E*N], saved with the model
+
+    def _shuffles(self, device: torch.device | str | None = None) -> Tensor:
+        """Each head's fixed shuffle of grid cells to virtual slots, [H, E*N]."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * (self.slot + 1))
+        return torch.stack([torch.randperm(cfg.n_virtual, generator=gen, device=device)
+                            for _ in range(cfg.n_heads)])
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.perm.copy_(self._shuffles("cpu"))
 
     def queries(self, x: Tensor) -> Tensor:
         return self.query(x).view(-1, 2, self.cfg.tucker_rank, self.cfg.key_dim)  # [T, 2, r, Dk]

@@ -74,8 +74,7 @@ class UltraMemV2Layer(SparseLayer):
         self.pre_proj = (nn.Linear(d_model, cfg.pre_value_dim, bias=False)  # W_pre
                          if cfg.pre_value_dim else None)
         self.out_proj = nn.Linear(cfg.value_dim, d_model, bias=False)  # W_out
-        gen = torch.Generator().manual_seed(cfg.seed + slot)
-        self.register_buffer("perm", torch.randperm(cfg.n_values, generator=gen))
+        self.register_buffer("perm", self._shuffle())  # [N], saved with the model
         if store is None:
             if cfg.share_group != 1:
                 raise ValueError("share_group > 1 needs a ValueStore passed as store=")
@@ -87,6 +86,15 @@ class UltraMemV2Layer(SparseLayer):
         self.table_source = None
         # Set by `ultramem.serve`: the inference forward, used when no gradients are recorded.
         self.decode_step = None
+
+    def _shuffle(self, device: torch.device | str | None = None) -> Tensor:
+        """The fixed shuffle of grid cells to value rows, [N], from `cfg.seed` and the slot."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.slot)
+        return torch.randperm(self.cfg.n_values, generator=gen, device=device)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.perm.copy_(self._shuffle("cpu"))
 
     # -- tables ---------------------------------------------------------------------------
 

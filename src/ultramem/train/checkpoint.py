@@ -1,6 +1,6 @@
 """Checkpoints: a directory per saved step, written under a temporary name and renamed.
 
-Layout of `RUN/checkpoints/step_00000100/`:
+Layout of `RUN/checkpoints/step_00000100/` (format `full`: rank 0 holds and writes everything):
   config.json         {"format", "version", "step", "model": ModelConfig.to_dict(),
                        "train": TrainConfig.to_dict(), "tokenizer": spec}
   model.safetensors   the model's state_dict (shared tensors stored once, safetensors' save_model)
@@ -9,6 +9,16 @@ Layout of `RUN/checkpoints/step_00000100/`:
   trainer_state.json  step, data position, skipped-step counters
   rng.pt              torch RNG state (weights_only)
   checksums.json      {"sha256": {file: digest}} of every file above, written last
+
+Format `sharded` (`save_sharded_checkpoint`, torch.distributed.checkpoint): every rank writes its
+own shards, nothing is gathered. optimizer.pt and rng.pt are replaced by
+  dcp/shard-000NN-model-00001-of-00001.safetensors   rank NN-1's shards (DCP's Hugging Face
+                      safetensors storage: each tensor's offset in the global tensor is in the
+                      file's header, so no pickled metadata file), under global names:
+                      `model.NAME`, `optim.OPT.NAME.KEY`, `rng.torch` [ranks, state]
+and trainer_state.json also holds the optimizers' hyperparameters and the world size.
+model.safetensors is written only into the run's last checkpoint (rank 0 reads the model's
+shards back from disk) or on demand (`export_model`); `load_model` reads the shards directly.
 
 Everything is written and fsynced into `.tmp-step_...-PID`, then renamed: a rename is atomic, so
 a directory named `step_*` is complete, and a writer killed midway leaves only a `.tmp-*`
@@ -23,6 +33,7 @@ warning naming each newer damaged one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +52,9 @@ from ultramem.config import ModelConfig
 FORMAT = "ultramem-checkpoint"
 VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
+REQUIRED_SHARDED = ("config.json", "trainer_state.json", "checksums.json")
 CHECKSUMS = "checksums.json"
+SHARDS = "dcp"  # a sharded checkpoint's subdirectory of DCP safetensors files
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -91,6 +104,15 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_sharded(ckpt: str | Path) -> bool:
+    """True for a checkpoint written by `save_sharded_checkpoint`."""
+    return (Path(ckpt) / SHARDS).is_dir()
+
+
+def _required(ckpt: Path) -> tuple[str, ...]:
+    return REQUIRED_SHARDED if is_sharded(ckpt) else REQUIRED
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoint directories under root, oldest first."""
     root = Path(root)
@@ -99,7 +121,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     found = []
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and all((d / f).is_file() for f in REQUIRED):
+        if m and d.is_dir() and all((d / f).is_file() for f in _required(d)):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
 
@@ -138,6 +160,12 @@ def save_checkpoint(
     sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2))
     _fsync_tree(tmp)
+    return _publish(tmp, final, keep_last)
+
+
+def _publish(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename the finished tmp directory to final (atomically), then prune to keep_last."""
+    root = final.parent
     if final.exists():  # re-saving a step (e.g. after a resume): swap out the old one
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -153,11 +181,169 @@ def save_checkpoint(
     return final
 
 
-def check_files(ckpt: str | Path, required: Iterable[str] = ("config.json", "model.safetensors"),
-                ) -> None:
+# -- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------
+
+
+def _dist() -> tuple[bool, int, int]:
+    """(a process group is active, rank, world size)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP warns each time it runs without a process group; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() without the second name of a tied tensor, so each is stored once."""
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def save_sharded_checkpoint(
+    root: str | Path, step: int, *, state: dict[str, Any], config: dict[str, Any],
+    trainer_state: dict[str, Any] | None = None, tokenizer_dir: str | Path | None = None,
+    keep_last: int = 3, export: bool = False,
+) -> Path:
+    """Write checkpoint `step` with torch.distributed.checkpoint; every rank calls it, with its
+    own `state` (nested dicts of tensors: DTensors for shards, plain tensors for what every rank
+    holds alike, written once). Each rank writes and hashes its share; rank 0 adds the JSON files
+    (and, with export, model.safetensors read back from the shards), checksums.json, and renames
+    the directory into place. Every rank returns the path once it is there. Works without a
+    process group too (one process writes one shard file)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    active, rank, world = _dist()
+    root = Path(root)
+    final = root / step_dir_name(step)
+    # The same name on every rank: torchrun's run id is shared by a job's ranks.
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "job") if active else str(os.getpid())
+    tmp = root / f".tmp-{final.name}-{job}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a killed writer
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / SHARDS).mkdir(parents=True)
+    if active:
+        dist.barrier()
+    with _dcp_quiet():  # the writer fsyncs each file
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS),
+                                                                save_distributed=True),
+                 no_dist=not active)
+    # Each rank hashes a share of the shard files (DCP returns once every rank has written).
+    files = sorted(f for f in (tmp / SHARDS).iterdir() if f.is_file())
+    mine = {f"{SHARDS}/{f.name}": _sha256(f) for i, f in enumerate(files) if i % world == rank}
+    (tmp / f".sums-{rank}.json").write_text(json.dumps(mine))
+    if active:
+        dist.barrier()
+    if rank == 0:
+        sums: dict[str, str] = {}
+        for r in range(world):
+            part = tmp / f".sums-{r}.json"
+            sums.update(json.loads(part.read_text()))
+            part.unlink()
+        meta = {"format": FORMAT, "version": VERSION, "step": step, **config}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step,
+                                                            **(trainer_state or {})}))
+        if export:
+            from safetensors.torch import save_model
+
+            model = _model_from_shards(tmp / SHARDS, ModelConfig.from_dict(config["model"]))
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            del model
+        sums.update({f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()})
+        (tmp / CHECKSUMS).write_text(json.dumps({"sha256": dict(sorted(sums.items()))},
+                                                indent=2))
+        _fsync_tree(tmp)
+        _fsync_dir(tmp / SHARDS)
+        _publish(tmp, final, keep_last)
+    if active:
+        dist.barrier()
+    return final
+
+
+def shard_metadata(ckpt: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{global name: (global shape, dtype)} of what a sharded checkpoint holds, from the
+    safetensors headers of its shard files (JSON: nothing is unpickled)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    md = HuggingFaceStorageReader(str(Path(ckpt) / SHARDS)).read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()}
+
+
+def load_shards(ckpt: str | Path, state: dict[str, Any]) -> None:
+    """Fill `state` (nested dicts of tensors or DTensors, the names `save_sharded_checkpoint`
+    was given) in place from a sharded checkpoint; each rank reads only the parts of the shard
+    files its tensors cover, whatever the world size that wrote them. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    active, _, _ = _dist()
+    with _dcp_quiet():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(Path(ckpt) / SHARDS)),
+                 no_dist=not active)
+
+
+def _model_from_shards(shards: Path, cfg: ModelConfig) -> nn.Module:
+    """LM(cfg) with its weights read from DCP shard files in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from ultramem.model import LM
+
+    model = LM(cfg, init=False)
+    with _dcp_quiet():
+        dcp.load({"model": unique_state(model)},
+                 storage_reader=HuggingFaceStorageReader(str(shards)), no_dist=True)
+    return model
+
+
+def export_model(path: str | Path) -> Path:
+    """The checkpoint's model.safetensors, first written from its shards if it has none (a
+    sharded checkpoint other than a run's last): one process, the whole model in memory. The
+    file is renamed into place, then added to checksums.json."""
+    from safetensors.torch import save_model
+
+    from ultramem.files import atomic_write_text
+
+    ckpt = resolve(path)
+    file = ckpt / "model.safetensors"
+    if file.is_file():
+        return file
+    model = load_model(ckpt)
+    tmp = ckpt / f".model.safetensors.tmp-{os.getpid()}"
+    save_model(model, str(tmp), metadata={"format": "pt"})
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    sums = _read_json(ckpt / CHECKSUMS)
+    sums["sha256"]["model.safetensors"] = _sha256(tmp)
+    os.replace(tmp, file)  # a kill before the next line leaves a complete file, not yet listed
+    atomic_write_text(ckpt / CHECKSUMS, json.dumps(sums, indent=2))
+    _HASHED.pop(ckpt.resolve(), None)
+    return file
+
+
+def check_files(ckpt: str | Path, required: Iterable[str] | None = None) -> None:
     """CheckpointError naming the first file of ckpt that is missing or differs from what was
-    saved (checksums.json; checkpoints written before it existed are checked for presence)."""
+    saved (checksums.json; checkpoints written before it existed are checked for presence).
+    required: the files that must exist (default: config.json and the weights, i.e.
+    model.safetensors, or checksums.json listing the shards of a sharded checkpoint)."""
     ckpt = Path(ckpt)
+    sharded = is_sharded(ckpt)
+    if required is None:
+        required = ("config.json", CHECKSUMS) if sharded else ("config.json", "model.safetensors")
     for name in required:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt / name}: missing")
@@ -169,6 +355,13 @@ def check_files(ckpt: str | Path, required: Iterable[str] = ("config.json", "mod
     for name in sums["sha256"]:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt / name}: missing (listed in {CHECKSUMS})")
+    if sharded:  # the reader takes every file in dcp/: one not saved with the rest is foreign
+        for f in sorted((ckpt / SHARDS).iterdir()):
+            if f"{SHARDS}/{f.name}" not in sums["sha256"]:
+                raise CheckpointError(f"{f}: not listed in {ckpt / CHECKSUMS}: not part of "
+                                      f"this checkpoint")
+        if not any(name.startswith(f"{SHARDS}/") for name in sums["sha256"]):
+            raise CheckpointError(f"{ckpt / SHARDS}: no shard files listed in {CHECKSUMS}")
     stamp = _stamp(ckpt, sums["sha256"])
     if _HASHED.get(ckpt.resolve()) == stamp:  # hashed already, e.g. by `resolve` a moment ago
         return
@@ -209,15 +402,18 @@ def verify_checkpoint(ckpt: str | Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     ckpt = Path(ckpt)
-    check_files(ckpt, REQUIRED)
+    check_files(ckpt, _required(ckpt))
     read_config(ckpt)
     _read_json(ckpt / "trainer_state.json")
-    file = ckpt / "model.safetensors"
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            check_tensors(((k, fh.get_tensor(k)) for k in fh.keys()), file)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else []
+    if is_sharded(ckpt):
+        files += sorted((ckpt / SHARDS).iterdir())
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                check_tensors(((k, fh.get_tensor(k)) for k in fh.keys()), file)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 def latest_good_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -248,7 +444,7 @@ def set_aside(ckpt: Path) -> Path:
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
-    return bool(_STEP_DIR.match(path.name)) or any(
+    return bool(_STEP_DIR.match(path.name)) or is_sharded(path) or any(
         (path / name).is_file() for name in ("model.safetensors", CHECKSUMS, "trainer_state.json"))
 
 
@@ -301,11 +497,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Mo
     ckpt = resolve(path)
     check_files(ckpt)
     cfg = ModelConfig.from_dict(read_config(ckpt)["model"])
-    model = LM(cfg, init=False)
     file = ckpt / "model.safetensors"
+    errors: tuple[type[BaseException], ...] = (SafetensorError, OSError, RuntimeError)
     try:
-        st_load_model(model, str(file), strict=True, device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as err:  # damaged, or not config.json's
+        if file.is_file() or not is_sharded(ckpt):
+            model = LM(cfg, init=False)
+            st_load_model(model, str(file), strict=True, device=str(device))
+        else:  # a sharded checkpoint without the export: read the shards in this process
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            errors += (CheckpointException,)
+            file = ckpt / SHARDS
+            model = _model_from_shards(file, cfg)
+    except errors as err:
+        # damaged, or not config.json's model
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{file}: cannot be loaded into the model config.json describes "
                               f"({first})") from None
@@ -329,7 +534,9 @@ def load_tokenizer(path: str | Path):
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
-    """{'trainer': trainer_state.json, 'optimizer': ..., 'rng': ...} (weights_only loads)."""
+    """{'trainer': trainer_state.json, 'optimizer': ..., 'rng': ...} (weights_only loads). A
+    sharded checkpoint has neither file (None): its optimizer and RNG state are in the shards
+    (`train.distributed.load_sharded_state`)."""
     ckpt = resolve(path)
     out: dict[str, Any] = {"trainer": json.loads((ckpt / "trainer_state.json").read_text())}
     for name in ("optimizer", "rng"):

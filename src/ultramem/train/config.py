@@ -20,6 +20,7 @@ VALUE_LR_SCHEDULES = ("auto", "constant", "v1")
 VALUE_UPDATES = ("sparse", "dense")
 VALUE_OPTIMIZERS = ("adam", "adagrad")
 PARALLEL = ("ddp", "fsdp")
+CKPT_FORMATS = ("auto", "full", "sharded")
 
 
 def _require(ok: bool, name: str, reason: str) -> None:
@@ -43,11 +44,18 @@ class TrainConfig:
     precision: `auto` (default: bf16 mixed precision where the device runs bf16 matmuls fast,
     i.e. CUDA or a CPU with AVX-512 BF16 / AMX, else fp32), `bf16` or `fp32`; bf16 keeps float32
     master weights and optimizer state and float32 retrieval (`ultramem.precision`).
+    activation_checkpointing: recompute each block's activations in the backward instead of keeping
+    them (`LM.activation_checkpointing`): same gradients, less memory, one more forward per step.
     device: `auto` (CUDA when available, else CPU), `cpu` or `cuda`. threads: CPU threads for
     torch (0 = torch's default; 1 avoids OpenMP stalls on a machine shared with other jobs).
     Under torchrun: parallel `ddp` or `fsdp` (FSDP2) for dense weights; shard_tables splits
     UltraMemV2 value tables by columns across ranks (`train.sharded_tables`), else they are
     replicated.
+    ckpt_format: `full` (rank 0 gathers everything and writes model.safetensors + optimizer.pt),
+    `sharded` (torch.distributed.checkpoint: each rank writes its own shards), `auto` (default:
+    sharded under torchrun with more than one rank, full otherwise); `train.checkpoint`.
+    data_workers: DataLoader worker processes preparing batches ahead of the step (0 = in the
+    training process); the batches are the same whatever the number (`data.shards`).
     """
 
     steps: int = 200
@@ -71,6 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     value_grad_clip: float = 1.0
     precision: str = "auto"
+    activation_checkpointing: bool = False
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -84,6 +93,8 @@ class TrainConfig:
     plot: bool = True
     parallel: str = "ddp"
     shard_tables: bool = False
+    ckpt_format: str = "auto"
+    data_workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
@@ -91,7 +102,7 @@ class TrainConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
                      f"must be a positive integer, got {v!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "seed", "threads"):
+        for name in ("warmup", "eval_every", "ckpt_every", "seed", "threads", "data_workers"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
         _require(self.lr > 0, "lr", "must be > 0")
@@ -104,7 +115,8 @@ class TrainConfig:
         for name, allowed in (("schedule", SCHEDULES), ("value_lr_schedule", VALUE_LR_SCHEDULES),
                               ("value_update", VALUE_UPDATES),
                               ("value_optimizer", VALUE_OPTIMIZERS),
-                              ("precision", PRECISIONS), ("parallel", PARALLEL)):
+                              ("precision", PRECISIONS), ("parallel", PARALLEL),
+                              ("ckpt_format", CKPT_FORMATS)):
             _require(getattr(self, name) in allowed, name,
                      f"must be one of {allowed}, got {getattr(self, name)!r}")
         _require(not (self.value_update == "dense" and self.value_optimizer == "adagrad"),

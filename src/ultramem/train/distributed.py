@@ -5,8 +5,12 @@ which case every helper here is a no-op. Backend: nccl on CUDA, gloo on CPU.
 
 - Dense weights: `DistributedDataParallel`, or FSDP2 `fully_shard` per block and at the root
   (`parallel=fsdp`).
-- Checkpoints hold full tensors: FSDP shards (weights and AdamW state) are gathered for rank 0
-  to write, and every rank reads the full state back on resume.
+- Checkpoints, format `full`: FSDP shards (weights and AdamW state) are gathered for rank 0 to
+  write, and every rank reads the full state back on resume (`full_model`, `optimizer_state`).
+  Format `sharded` (torch.distributed.checkpoint): each rank saves its own shards under global
+  names, FSDP's as DTensors, column-sharded tables as DTensor views (Shard(1)) of their local
+  slice, and reads back the parts its layout needs, whatever the layout or world size that
+  wrote them (`sharded_state`, `load_sharded_state`).
 - Value and pre-value tables are kept out of DDP / FSDP (ignored parameters). By default they
   are replicated, and their gradients are reduced here after backward: sparse gradients by
   all-gathering each rank's touched rows (indices and values, padded to the largest count) and
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +40,15 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     sharded: bool = False  # value tables split by columns (set by `wrap`)
+    _meshes: dict = field(default_factory=dict, repr=False)
+
+    def mesh(self, device_type: str):
+        """A 1-D device mesh over all ranks (DTensor views of column shards for checkpoints)."""
+        if device_type not in self._meshes:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._meshes[device_type] = init_device_mesh(device_type, (self.world,))
+        return self._meshes[device_type]
 
     @property
     def active(self) -> bool:
@@ -267,3 +282,144 @@ class _StateOnly(nn.Module):
 
     def state_dict(self, *args, **kwargs):  # noqa: D102
         return dict(self._state)
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------
+
+
+def _global_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in a checkpoint (column shards under the unsharded name)."""
+    return {id(p): _unshard_name(n) for n, p in model.named_parameters()}
+
+
+def _column_view(t: Tensor, ctx: DistContext) -> Tensor:
+    """This rank's column slice t as a DTensor over the whole table: DCP writes it with its
+    global offset, and fills it from whatever slices were saved."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(t, ctx.mesh(t.device.type), [Shard(1)], run_check=False)
+
+
+def _is_column_shard(name: str, ctx: DistContext) -> bool:
+    from ultramem.train.sharded_tables import is_shard_name
+
+    return ctx.sharded and is_shard_name(name)
+
+
+def _model_tensors(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """{global name: tensor sharing storage with the model's}: plain, FSDP DTensor, or a
+    DTensor view of a column shard. Loading into them loads the model in place."""
+    from ultramem.train.checkpoint import unique_state
+
+    out = {}
+    for name, t in unique_state(model).items():
+        if _is_column_shard(name, ctx):
+            out[_unshard_name(name)] = _column_view(t, ctx)
+        else:
+            out[name] = t
+    return out
+
+
+def _column_params(model: nn.Module, ctx: DistContext) -> set[int]:
+    return {id(p) for n, p in model.named_parameters() if _is_column_shard(n, ctx)}
+
+
+def sharded_state(model: nn.Module, opts: dict, ctx: DistContext,
+                  ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """(what this rank saves with DCP, the optimizers' hyperparameters as JSON-able groups).
+
+    State: {'model': {name: tensor}, 'optim': {opt: {name: {key: tensor}}}, 'rng': {'torch':
+    [W, n] rows per rank}}. Optimizer state laid out like a column shard (Adam's moments) is a
+    DTensor view too; what every rank holds alike (step counts, replicated tables) is plain."""
+    names = _global_names(model)
+    columns = _column_params(model, ctx)
+    optim: dict[str, dict[str, dict[str, Tensor]]] = {}
+    groups: dict[str, list[dict]] = {}
+    for opt_name, opt in opts.items():
+        entries = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state.get(p)
+                if not st:
+                    continue
+                entry = {}
+                for key, v in st.items():
+                    if not isinstance(v, Tensor):
+                        raise TypeError(f"optimizer {opt_name}: state {key!r} of {names[id(p)]} "
+                                        f"is a {type(v).__name__}, not a tensor")
+                    is_col = id(p) in columns and v.shape == p.shape
+                    entry[key] = _column_view(v, ctx) if is_col else v
+                entries[names[id(p)]] = entry
+        optim[opt_name] = entries
+        groups[opt_name] = [{k: (list(v) if isinstance(v, tuple) else v)
+                             for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    rng = torch.get_rng_state().unsqueeze(0)  # [1, n]: this rank's row
+    if ctx.active:  # on the model's device: a mesh of the process group's backend (nccl: cuda)
+        from torch.distributed.tensor import DTensor, Shard
+
+        device = next(model.parameters()).device
+        rng = DTensor.from_local(rng.to(device), ctx.mesh(device.type), [Shard(0)],
+                                 run_check=False)
+    state = {"model": _model_tensors(model, ctx), "optim": optim, "rng": {"torch": rng}}
+    return state, groups
+
+
+def load_sharded_state(model: nn.Module, opts: dict, ctx: DistContext, ckpt: str | Path,
+                       groups: dict[str, list[dict]]) -> None:
+    """Inverse of `sharded_state` on any layout and world size: weights in place, optimizer
+    state (through `load_state_dict`, so devices and dtypes follow the parameters), this
+    rank's RNG (rank r takes row r; a rank the saving run did not have keeps its own).
+    groups: the saved hyperparameters. Every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    from ultramem.train.checkpoint import CheckpointError, load_shards, shard_metadata
+
+    saved = shard_metadata(ckpt)
+    names = _global_names(model)
+    columns = _column_params(model, ctx)
+    optim: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for opt_name, opt in opts.items():
+        entries = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                prefix = f"optim.{opt_name}.{names[id(p)]}."
+                keys = [k for k in saved if k.startswith(prefix) and "." not in k[len(prefix):]]
+                entry = {}
+                for key in keys:
+                    shape, dtype = saved[key]
+                    if shape == tuple(p.shape if id(p) not in columns else
+                                      (p.shape[0], p.shape[1] * ctx.world)):
+                        t = torch.zeros_like(p, dtype=dtype)  # a DTensor for an FSDP parameter
+                        entry[key[len(prefix):]] = (_column_view(t, ctx) if id(p) in columns
+                                                    else t)
+                    else:  # the same on every rank (a step count, a replicated table's state)
+                        entry[key[len(prefix):]] = torch.zeros(shape, dtype=dtype)
+                if entry:
+                    entries[names[id(p)]] = entry
+        optim[opt_name] = entries
+    rng_shape, rng_dtype = saved.get("rng.torch", ((0, 0), torch.uint8))
+    state = {"model": _model_tensors(model, ctx), "optim": optim}
+    if rng_shape[0]:
+        state["rng"] = {"torch": torch.zeros(rng_shape, dtype=rng_dtype)}
+    load_shards(ckpt, state)
+    for opt_name, opt in opts.items():
+        if len(groups.get(opt_name, ())) != len(opt.param_groups):
+            raise CheckpointError(f"{ckpt}: optimizer {opt_name!r} has {len(opt.param_groups)} "
+                                  f"parameter groups, the checkpoint "
+                                  f"{len(groups.get(opt_name, ()))}")
+        sd: dict[str, Any] = {"state": {}, "param_groups": []}
+        first = 0  # a state_dict numbers the parameters across groups
+        for saved_group, group in zip(groups[opt_name], opt.param_groups, strict=True):
+            ids = list(range(first, first + len(group["params"])))
+            first += len(ids)
+            for idx, p in zip(ids, group["params"], strict=True):
+                entry = optim[opt_name].get(names[id(p)])
+                if entry:  # column views back to this rank's slice
+                    sd["state"][idx] = {k: (v.to_local() if isinstance(v, DTensor)
+                                            and id(p) in columns else v)
+                                        for k, v in entry.items()}
+            sd["param_groups"].append({**{k: (tuple(v) if k == "betas" else v)
+                                          for k, v in saved_group.items()}, "params": ids})
+        opt.load_state_dict(sd)
+    if "rng" in state and ctx.rank < rng_shape[0]:
+        torch.set_rng_state(state["rng"]["torch"][ctx.rank].clone())

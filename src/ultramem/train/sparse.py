@@ -73,6 +73,12 @@ class RowSparseAdam(torch.optim.Optimizer):
                 p[rows] = p_r.sub_(update, alpha=lr)
         return None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # the base class casts state to the parameter's dtype
+            if "row_steps" in state:
+                state["row_steps"] = state["row_steps"].to(torch.int64)
+
 
 class RowAdagrad(torch.optim.Optimizer):
     """Row-wise Adagrad: G_row += mean(g_row^2); row -= lr * g_row / (sqrt(G_row) + eps)."""

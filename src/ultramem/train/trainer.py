@@ -8,7 +8,8 @@ checkpoint, and the data order is a pure function of the step, so a resumed run'
 uninterrupted run's bit for bit on CPU.
 
 Under torchrun (WORLD_SIZE > 1) the model is wrapped by `ultramem.train.distributed`; only rank 0
-writes metrics and checkpoints.
+writes metrics; every rank writes its shards of a checkpoint (`ckpt_format`, `train.checkpoint`).
+Micro-batches come from `data.shards.BatchLoader` (DataLoader workers, `data_workers`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
-from ultramem.data.shards import BatchOrder, TokenShards, read_meta
+from ultramem.data.shards import BatchLoader, BatchOrder, TokenShards, read_meta
 from ultramem.diagnostics import retrieval_recall
 from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
@@ -90,6 +91,7 @@ class Trainer:
         self.start_step = 0
         state = None
         if resume:
+            self.dist.barrier()  # `ultramem train` rank 0 may be setting damaged ones aside
             found = ckpt.latest_checkpoint(self.out / "checkpoints")
             if found is None:
                 raise FileNotFoundError(
@@ -102,6 +104,7 @@ class Trainer:
             state = ckpt.load_training_state(found)
             self.start_step = int(state["trainer"]["step"])
             self.resumed_from = found
+            _check_global_batch(state["trainer"], train_cfg, self.dist.world, self.rank0)
         self.cfg = train_cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if data_dir is None:
@@ -132,7 +135,9 @@ class Trainer:
                 memory={"sparse_grad": train_cfg.value_update == "sparse"})
         # Resuming: skip the (Monte Carlo) init, every weight and buffer comes from the checkpoint.
         self.model = LM(runtime_cfg, seed=train_cfg.seed, init=state is None).to(self.device)
-        if state is not None:
+        self.model.activation_checkpointing = train_cfg.activation_checkpointing
+        sharded_resume = state is not None and ckpt.is_sharded(self.resumed_from)
+        if state is not None and not sharded_resume:
             from safetensors.torch import load_model as st_load_model
 
             st_load_model(self.model, str(self.resumed_from / "model.safetensors"), strict=True,
@@ -147,6 +152,10 @@ class Trainer:
         self.train_order = BatchOrder(TokenShards(self.data_dir, "train"), train_cfg.seq_len,
                                       train_cfg.batch_size, seed=train_cfg.seed,
                                       rank=self.dist.rank, world=self.dist.world)
+        # Worker processes prepare the next micro-batches; batch k is the same whatever they do.
+        self.train_batches = BatchLoader(
+            self.train_order, workers=train_cfg.data_workers,
+            pin_memory=self.device.type == "cuda", stop=train_cfg.steps * train_cfg.grad_accum)
         has_val = "val" in meta["splits"] and meta["splits"]["val"]["n_tokens"] > train_cfg.seq_len
         self.val_order = BatchOrder(TokenShards(self.data_dir, "val"), train_cfg.seq_len,
                                     train_cfg.batch_size, shuffle=False, rank=self.dist.rank,
@@ -154,8 +163,13 @@ class Trainer:
 
         self.skipped = 0
         self.bad_in_row = 0
-        if state is not None:
+        if sharded_resume:  # weights, optimizer and RNG: each rank reads what it holds
+            ckpt.check_files(self.resumed_from)
+            dist_mod.load_sharded_state(self.model, self.opts, self.dist, self.resumed_from,
+                                        state["trainer"].get("optimizer_groups", {}))
+        elif state is not None:
             dist_mod.load_optimizer_state(self.opts, self.model, self.dist, state["optimizer"])
+        if state is not None:
             self.skipped = int(state["trainer"].get("skipped", 0))
             self.bad_in_row = int(state["trainer"].get("bad_in_row", 0))
             if state["rng"] is not None:
@@ -174,19 +188,31 @@ class Trainer:
                 **self.extra_config}
 
     def save(self, step: int) -> Path | None:
-        """Checkpoint after `step` completed steps (rank 0 writes; all ranks wait)."""
+        """Checkpoint after `step` completed steps. Format `full`: gathered, rank 0 writes, all
+        ranks wait; `sharded`: every rank writes its shards (`ckpt_format`, `train.checkpoint`).
+        Returns the path on rank 0."""
         from ultramem.train import distributed as dist_mod
 
+        trainer_state = {"skipped": self.skipped, "bad_in_row": self.bad_in_row,
+                         "samples": step * self.cfg.grad_accum * self.cfg.batch_size
+                         * self.dist.world}
+        fmt = self.cfg.ckpt_format
+        if fmt == "sharded" or (fmt == "auto" and self.dist.active):
+            state, groups = dist_mod.sharded_state(self.model, self.opts, self.dist)
+            path = ckpt.save_sharded_checkpoint(
+                self.out / "checkpoints", step, state=state, config=self._config(),
+                trainer_state={**trainer_state, "world": self.dist.world,
+                               "optimizer_groups": groups},
+                tokenizer_dir=self.data_dir, keep_last=self.cfg.keep_last,
+                export=step == self.cfg.steps)  # model.safetensors at the end of the run
+            return path if self.rank0 else None
         model_state = dist_mod.full_model(self.model, self.dist)
         optimizer_state = dist_mod.optimizer_state(self.opts, self.model, self.dist)
         path = None
         if self.rank0:
             path = ckpt.save_checkpoint(
                 self.out / "checkpoints", step, model=model_state, config=self._config(),
-                optimizer_state=optimizer_state,
-                trainer_state={"skipped": self.skipped, "bad_in_row": self.bad_in_row,
-                               "samples": step * self.cfg.grad_accum * self.cfg.batch_size
-                               * self.dist.world},
+                optimizer_state=optimizer_state, trainer_state=trainer_state,
                 rng_state={"torch": torch.get_rng_state()},
                 tokenizer_dir=self.data_dir, keep_last=self.cfg.keep_last,
             )
@@ -223,9 +249,10 @@ class Trainer:
         lr, value_lr = set_lrs(self.opts, cfg, step, self.model.cfg.memory)
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
-            x, y = self.train_order.batch(step * cfg.grad_accum + micro)
+            x, y = self.train_batches.batch(step * cfg.grad_accum + micro)
             with self.dist.no_sync(self.step_model, micro < cfg.grad_accum - 1), self._autocast():
-                _, loss = self.step_model(x.to(self.device), y.to(self.device))
+                _, loss = self.step_model(x.to(self.device, non_blocking=True),
+                                          y.to(self.device, non_blocking=True))
             (loss / cfg.grad_accum).backward()
             total += loss.detach().double().cpu()
         self.dist.reduce_table_grads(self.model)
@@ -304,6 +331,7 @@ class Trainer:
                     self.save(done)
         finally:
             bar.close()
+            self.train_batches.close()
             if logger is not None:
                 logger.close()
         summary = {"steps": cfg.steps, "final_loss": last_loss, "eval_loss": eval_loss,
@@ -313,6 +341,21 @@ class Trainer:
             png = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
             summary["plot"] = str(png) if png else None
         return summary
+
+
+def _check_global_batch(saved: dict[str, Any], cfg: TrainConfig, world: int, rank0: bool,
+                        ) -> None:
+    """Warn when a resume changes the sequences per step (batch_size x grad_accum x ranks): the
+    data position is the step, so the run no longer continues the saved one's data order."""
+    import warnings
+
+    step, seen = int(saved["step"]), saved.get("samples")
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    if rank0 and step and seen is not None and seen != step * per_step:
+        warnings.warn(f"--resume: {per_step} sequences per step (batch_size x grad_accum x "
+                      f"ranks) instead of the saved run's {seen // step}: the data order goes on "
+                      f"from step {step} with the new batch, so it does not continue the saved "
+                      f"run exactly; keep the global batch to do so", stacklevel=3)
 
 
 def _finite(x: float) -> bool:
