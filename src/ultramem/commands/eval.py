@@ -5,6 +5,8 @@ Examples:
   ultramem study --family tiny --steps 300 --out docs/results
   ultramem study --family small --steps 400 --archs moe,ultramem_v2 --ablations none --threads 1
   ultramem study --family small --steps 300 --seeds 2 --seeded moe,ultramem_v2
+  ultramem study --family small --corpus english --steps 9766 --batch-size 8 --seq-len 256 \
+      --archs moe,ultramem_v2 --ablations none --seeds 3 --jobs 2    # 20M tokens per run
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time, each its own process with --threads "
                         "(e.g. --jobs 2 --threads 1 on two cores)")
+    s.add_argument("--corpus", default=None,
+                   help="train on this corpus (e.g. english: see docs/corpus.md) mixed with the "
+                        "task documents, and measure held-out loss on its held-out split")
+    s.add_argument("--corpus-root", default="data/corpus",
+                   help="where the corpus's packages and export live (fetched once)")
+    s.add_argument("--task-share", type=float, default=0.1,
+                   help="with --corpus: the task documents' share of the mix's characters")
     s.set_defaults(func=run_study_cmd)
 
 
@@ -125,7 +134,8 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
-            jobs=args.jobs,
+            jobs=args.jobs, corpus=args.corpus, corpus_root=args.corpus_root,
+            task_share=args.task_share,
             command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
             else "ultramem study " + f"--family {args.family} --steps {args.steps}",
         )

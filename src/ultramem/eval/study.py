@@ -17,6 +17,12 @@ Data: one mix for the family, a seeded shuffle of documents: standard-library do
 held-out modules excluded), training documents of every task generator, and the fact-world text
 (copies so it is ~15% of the mix). 'tiny' uses byte tokens (vocabulary 256, as its presets); 'small'
 a BPE of the presets' 4096 tokens trained on the mix.
+
+With `corpus` (e.g. "english", `ultramem.data.corpus`), the mix is that corpus's training split
+plus copies of the task mix above (each copy with fresh task documents of the same fact world)
+making up `task_share` of its characters; held-out loss is measured on the corpus's held-out
+split, which no run trains on. Such a study lives in `work/<family>-<corpus>/` and writes
+`<family>-<corpus>.md`, apart from the built-in one. Long runs checkpoint every 5% of their steps.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ class StudyConfig:
     train_docs: int | None = None  # per task; None: FAMILY_DATA
     threads: int | None = None
     jobs: int = 1  # runs trained at the same time, each in its own process with `threads`
+    corpus: str | None = None  # a named corpus (see the module doc); None: the built-in mix
+    corpus_root: str = "data/corpus"  # where the corpus's packages and export live
+    task_share: float = 0.1  # with a corpus: the task documents' share of the mix's characters
     command: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +87,12 @@ class StudyConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        if not 0 < self.task_share < 1:
+            raise ValueError(f"task_share must lie in (0, 1), got {self.task_share}")
+        if self.corpus is not None:
+            from ultramem.data.corpus import corpus
+
+            corpus(self.corpus)  # an unknown name fails here
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.seeded is not None:
@@ -89,6 +104,11 @@ class StudyConfig:
     @property
     def size(self) -> str:
         return self.task_size or FAMILY_DATA[self.family][0]
+
+    @property
+    def name(self) -> str:
+        """The study's name: its work folder and report files ('small', 'small-english')."""
+        return self.family if self.corpus is None else f"{self.family}-{self.corpus}"
 
 
 def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
@@ -126,33 +146,65 @@ def run_plan(cfg: StudyConfig) -> list[tuple[str, ModelConfig, int]]:
 # ------------------------------------------------------------------------------ data
 
 
-def build_data(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
-    """The family's training mix, prepared into data_dir once (`ultramem.data.prepare`)."""
-    from ultramem.data.prepare import prepare
-    from ultramem.data.shards import read_meta
+def task_mix(cfg: StudyConfig, seed: int) -> list[str]:
+    """Docstrings, every task's training documents (drawn with `seed`) and the fact-world text
+    (~15% of the mix; its facts are the same for every seed)."""
     from ultramem.tasks.text import stdlib_documents
 
-    if (data_dir / "meta.json").is_file():
-        return read_meta(data_dir)
-    _, tokenizer, per_task = FAMILY_DATA[cfg.family]
-    per_task = cfg.train_docs or per_task
+    per_task = cfg.train_docs or FAMILY_DATA[cfg.family][2]
     tasks = build_tasks(cfg.size)
     docs = list(stdlib_documents("train"))
     for name, task in tasks.items():
         if name != "facts":
-            docs += task.train_documents(per_task, seed=cfg.seed)
+            docs += task.train_documents(per_task, seed=seed)
     other = sum(len(d) for d in docs)
     facts = tasks["facts"]
     one = len(facts.train_documents(1, seed=cfg.seed)[0])
     copies = max(2, math.ceil(0.15 * other / 0.85 / one))
-    docs += facts.train_documents(copies, seed=cfg.seed)
+    return docs + facts.train_documents(copies, seed=seed)
+
+
+def build_data(cfg: StudyConfig, data_dir: Path, log=print) -> dict[str, Any]:
+    """The study's training mix, prepared into data_dir once (`ultramem.data.prepare`)."""
+    from ultramem.data.prepare import prepare
+    from ultramem.data.shards import read_meta
+
+    if (data_dir / "meta.json").is_file():
+        return read_meta(data_dir)
+    docs = task_mix(cfg, cfg.seed)
+    sources = []
+    if cfg.corpus is not None:
+        from ultramem.data.corpus import export_splits
+
+        sources.append(str(export_splits(cfg.corpus, cfg.corpus_root, log=log)))
+        corpus_chars = _jsonl_chars(Path(sources[0]))
+        copy_chars = sum(len(d) for d in docs)
+        copies = max(1, round(cfg.task_share * corpus_chars / (1 - cfg.task_share) / copy_chars))
+        for k in range(1, copies):  # fresh task documents per copy, the same facts
+            docs += task_mix(cfg, cfg.seed + 1000 * k)
+        log(f"[study] data: corpus {cfg.corpus} ({corpus_chars:,} chars) + {copies} copies of "
+            f"the task mix ({sum(len(d) for d in docs):,} chars)")
     random.Random(cfg.seed).shuffle(docs)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     mix = data_dir.parent / f"{data_dir.name}_mix.jsonl"  # beside: prepare replaces data_dir
     mix.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     vocab = ModelConfig.preset(f"{cfg.family}/dense").vocab_size
-    return prepare([str(mix)], data_dir, tokenizer=tokenizer, vocab_size=vocab,
-                   val_fraction=0.05, seed=cfg.seed)
+    return prepare([*sources, str(mix)], data_dir, tokenizer=FAMILY_DATA[cfg.family][1],
+                   vocab_size=vocab, val_fraction=0.05 if cfg.corpus is None else 0.005,
+                   seed=cfg.seed)
+
+
+def _jsonl_chars(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(len(json.loads(line)["text"]) for line in f if line.strip())
+
+
+def heldout_text(cfg: StudyConfig) -> str | None:
+    """The corpus's held-out split as text (None: the evaluation's default docstrings)."""
+    if cfg.corpus is None:
+        return None
+    path = Path(cfg.corpus_root) / "export" / cfg.corpus / "heldout.txt"
+    return path.read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------ runs
@@ -162,6 +214,8 @@ def _settings(cfg: StudyConfig, seed: int | None = None) -> dict[str, Any]:
     keep = ("family", "steps", "seed", "batch_size", "seq_len", "lr", "n_examples",
             "text_chars", "task_size", "train_docs")
     out = {k: getattr(cfg, k) for k in keep}
+    if cfg.corpus is not None:  # (absent otherwise: runs of earlier studies stay reusable)
+        out.update(corpus=cfg.corpus, task_share=cfg.task_share)
     if seed is not None and seed != cfg.seed:  # a repeat: its training seed, the data's seed
         out.update(seed=seed, data_seed=cfg.seed)
     return out
@@ -192,7 +246,8 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
         steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
         warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
         eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)),
-        ckpt_every=max(cfg.steps // 4, 1), keep_last=1, seed=seed, tensorboard=False, plot=False,
+        ckpt_every=max(cfg.steps // (4 if cfg.corpus is None else 20), 1), keep_last=1,
+        seed=seed, tensorboard=False, plot=False,
     )
     marker = run_dir / "study.json"
     resume = (marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
@@ -225,7 +280,8 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     log(f"[study] {name}: steps {start}..{cfg.steps} in {train_s:.0f}s "
         f"({per_step:.2f} s/step), loss {final_loss:.3f}")
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
-                                 seed=cfg.seed + 1, text_chars=cfg.text_chars)
+                                 seed=cfg.seed + 1, text=heldout_text(cfg),
+                                 text_chars=cfg.text_chars)
     row = {"name": name, "settings": settings, "train_seconds": train_s,
            "seconds_per_step": per_step, "resumed_from_step": start,
            "final_loss": final_loss, "val_loss": val_loss, **result}
@@ -280,9 +336,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     commit = git_commit()  # the code the runs start from (not what HEAD is when they end)
-    work = Path(cfg.work) / cfg.family
+    work = Path(cfg.work) / cfg.name
     data_dir = work / "data"
-    meta = build_data(cfg, data_dir)
+    meta = build_data(cfg, data_dir, log)
     log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
         f"({meta['tokenizer']['kind']}) in {data_dir}")
     plan = run_plan(cfg)
@@ -291,7 +347,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
                                seed=seed) for name, model_cfg, seed in plan]
     else:
         rows = _run_parallel(cfg, plan, data_dir, work, log)
-    study = {"config": {**asdict(cfg), "archs": list(cfg.archs),
+    study = {"name": cfg.name, "config": {**asdict(cfg), "archs": list(cfg.archs),
                         "ablations": list(cfg.ablations),
                         "seeded": None if cfg.seeded is None else list(cfg.seeded)},
              "commit": commit, "python": sys.version.split()[0],
