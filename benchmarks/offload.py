@@ -1,7 +1,8 @@
 """Value tables larger than the process: decode with tables memory-mapped from disk.
 
 1. A writer process builds an UltraMemV2 model whose value tables are several GB, saves it as a
-   training checkpoint (safetensors) and writes int8 per-row quantized tables beside it.
+   training checkpoint (safetensors) and writes its tables as int8 row files (one per layer,
+   under tables/, `ultramem.offload.write_int8_tables`).
 2. The checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED), so serving
    starts cold, from disk.
 3. One fresh process per mode loads the model and decodes `--new` tokens for a batch with the KV
@@ -49,7 +50,7 @@ def write(out: Path, n_keys: int) -> None:
 
 
 def drop_cache(path: Path) -> None:
-    for f in path.glob("*.safetensors"):
+    for f in path.rglob("*.safetensors"):  # the checkpoint and its tables/ row files
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

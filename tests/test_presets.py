@@ -73,3 +73,15 @@ def test_presets_command_rejects_an_unknown_family(capsys):
     assert "nosuch" in err and "227m" in err
     assert main(["presets", "--family", "tiny"]) == 0
     assert "tiny/moe" in capsys.readouterr().out
+
+
+def test_20b_preset_is_the_227m_backbone_with_20b_of_tables():
+    """Counted from the config alone: instantiating it would allocate 80 GB of tables."""
+    from ultramem.accounting import sparse_tables
+
+    big, base = ModelConfig.preset("umv2-227m-20b"), ModelConfig.preset("umv2-227m-1.2b")
+    assert big.replace(memory={"n_keys": base.memory.n_keys}) == base
+    tables = sum(t.params for t in sparse_tables(big))
+    assert 20e9 <= tables < 20.1e9
+    mem = big.memory
+    assert tables == len(big.memory_blocks) * mem.n_keys**2 * (mem.value_dim + mem.pre_value_dim)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "study": "ultramem.commands.eval",
     "capacity": "ultramem.commands.capacity",
     "generate": "ultramem.commands.generate",
+    "init": "ultramem.commands.init",  # a fresh model larger than memory, int8 table files
     "diagnose": "ultramem.commands.diagnose",
     "export": "ultramem.commands.export",  # Hugging Face
 }

@@ -720,5 +720,9 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": _tiny,
     "umv2-227m-1.2b": _umv2_227m,
     "umv2-1b-7b": _umv2_1b,
+    # The 227M backbone with 20.0B table parameters (n_keys 1614: 2.6M rows of Dv + Dp = 384 per
+    # layer): far larger than RAM, served from int8 table files (`ultramem init`, docs/scale.md).
+    # Never instantiate it: `LM(cfg)` would allocate 80 GB of float32 tables.
+    "umv2-227m-20b": lambda: _umv2_227m().replace(memory={"n_keys": 1614}),
     **{f"{fam}/{arch}": _member(fam, arch) for fam in _FAMILIES for arch in ARCHS},
 }

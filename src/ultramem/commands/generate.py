@@ -8,6 +8,11 @@ layout. Tokenizer: UTF-8 bytes, or the `tokenizer.json` (HF tokenizers format) t
 (`ultramem.serve`): `--dtype` casts it, UltraMemV2 layers get their decode step. Several
 prompts are generated as one batch and printed one after the other, each under a
 `--- sample N ---` line.
+
+A checkpoint written by `ultramem init` keeps its value tables only in int8 row files
+(`tables/`): they are served memory-mapped (`ultramem.offload`), each step reading the rows it
+needs from disk. `--mmap-tables` does the same for a training checkpoint's tables (its int8 row
+files when `ultramem.offload.write_int8_tables` wrote them, else the float tables in place).
 """
 
 from __future__ import annotations
@@ -20,14 +25,29 @@ from typing import Any
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu",
-                    warn: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+                    warn: Callable[[str], None] | None = None,
+                    mmap_tables: bool | None = False) -> tuple[Any, Any]:
     """(LM, tokenizer) from a checkpoint directory, or a run directory (its newest good
     checkpoint; warn(message) for each damaged one skipped). `ultramem.train.checkpoint` verifies
     the files; the tokenizer is `ultramem.data.tokenizer`'s (its `path`: tokenizer.json, or None
-    for bytes)."""
+    for bytes). mmap_tables: serve the UltraMemV2 tables memory-mapped (`ultramem.offload`);
+    None: only when the checkpoint keeps them in int8 row files alone (`ultramem init`); False:
+    such a checkpoint is refused (CheckpointError)."""
+    from ultramem.offload import has_external_tables, load_offloaded
     from ultramem.train import checkpoint as ck
 
     ckpt = ck.resolve(Path(path), warn=warn)
+    external = has_external_tables(ckpt)
+    if external and mmap_tables is False:
+        raise ck.CheckpointError(f"{ckpt}: its value tables are int8 row files (written by "
+                                 f"`ultramem init`), which only `ultramem generate` serves")
+    if external or mmap_tables:
+        ck.check_files(ckpt)
+        try:
+            model = load_offloaded(ckpt, device=device)
+        except ValueError as err:
+            raise ck.CheckpointError(str(err)) from None
+        return model, ck.load_tokenizer(ckpt)
     return ck.load_model(ckpt, device=device), ck.load_tokenizer(ckpt)
 
 
@@ -48,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-cache", action="store_true", help="recompute the sequence every step")
+    p.add_argument("--mmap-tables", action="store_true",
+                   help="serve UltraMemV2 value tables memory-mapped from the checkpoint's files "
+                        "(always, for checkpoints written by `ultramem init`)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
                    help="serving weights (ultramem.serve.prepare_for_serving): fp32 (exact), "
                         "bf16 (faster for batches on CPUs with bf16 matmul), int8")
@@ -113,8 +136,21 @@ def generate_texts(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: 
     for row in out[:, width:].tolist():
         if tok.eos_id is not None and tok.eos_id in row:
             row = row[: row.index(tok.eos_id)]
-        texts.append(tok.decode(row))
+        texts.append(decode_ids(tok, row))
     return texts
+
+
+def decode_ids(tok: Any, ids: list[int]) -> str:
+    """Text of ids; an id beyond the tokenizer's vocabulary (a model with a larger one, such as
+    a fresh `ultramem init` model with byte tokens) shows as U+FFFD."""
+    parts, run = [], []
+    for t in ids:
+        if t < tok.vocab_size:
+            run.append(t)
+            continue
+        parts += [tok.decode(run), "\ufffd"]
+        run = []
+    return "".join(parts) + tok.decode(run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     set_threads(args.threads)
     model, tok = load_checkpoint(args.checkpoint, device=args.device,
-                                 warn=lambda message: warn("generate", message))
+                                 warn=lambda message: warn("generate", message),
+                                 mmap_tables=True if args.mmap_tables else None)
     encode_prompts(tok, args.prompt, model.cfg.vocab_size)
     prepare_for_serving(model, args.dtype)
     texts = generate_texts(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
