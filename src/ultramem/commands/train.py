@@ -2,6 +2,7 @@
 
 Examples:
   ultramem train --preset tiny --steps 200 --out runs/x
+  ultramem train --config run.yaml --lr 1e-3 --model.memory.top-m 32 --out runs/y
   ultramem train --config run.yaml --set lr=1e-3 --set model.memory.top_m=32 --out runs/y
   ultramem train --out runs/x --resume            # continue from the latest checkpoint
   ultramem train --preset tiny --out runs/x --overwrite   # delete the run in runs/x, start over
@@ -14,6 +15,12 @@ metrics and checkpoints with another run's; --overwrite deletes a previous run t
 --resume continues from the newest checkpoint that verifies (a damaged newer one is renamed
 step_N.damaged, with a warning); train fields may change and are printed, the model and the
 tokenizer may not. Ctrl-C stops training and prints the command that resumes it (exit code 130).
+
+Every config field is a flag, listed below: --FIELD or --train.FIELD (TrainConfig),
+--model.FIELD (ModelConfig), --model.memory.FIELD (the memory kind's config). A flag is the
+same as --set KEY=VALUE (values read as YAML, checked against the field's type). Precedence:
+the preset, then the --config file, then flags and --set in command-line order (--steps and
+--threads last). A memory field of another kind than the model's is an error.
 """
 
 from __future__ import annotations
@@ -53,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p, default=None,
                          note=f"; shortcut for --set threads=N (default {DEFAULT_THREADS}, or the "
                               f"config's; on --resume the run's)")
+    usage = p.format_usage().removeprefix("usage: ").rstrip()
+    p.usage = f"{usage}\n{' ' * len('usage: ultramem train ')}[--FIELD VALUE ...]"
+    from ultramem.commands.config_flags import add_field_flags
+
+    add_field_flags(p)
     p.set_defaults(func=run)
 
 
@@ -106,23 +118,17 @@ class ResumePlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ultramem.cli import DEFAULT_THREADS, UsageError, check_device
-    from ultramem.train.config import build_configs
+    from ultramem.cli import UsageError, check_device
     from ultramem.train.trainer import NonFiniteError, Trainer
 
     out = Path(args.out)
-    overrides = list(args.overrides)
-    for flag, value in (("steps", args.steps), ("threads", args.threads)):
-        if value is not None:
-            overrides.append(f"{flag}={value}")
     plan = None
     if args.resume:
-        plan = _resume_plan(args, out, overrides)
+        plan = _resume_plan(args, out, overrides_of(args))
         model_cfg, train_cfg, preset, data_dir = (plan.model_cfg, plan.train_cfg, plan.preset,
                                                   plan.data_dir)
     else:
-        model_cfg, train_cfg, extra = build_configs(args.preset, args.config, overrides,
-                                                    train_defaults={"threads": DEFAULT_THREADS})
+        model_cfg, train_cfg, extra = configs_of(args)
         preset, data_dir = extra["preset"], args.data or extra.get("data")
         if data_dir is not None:
             _check_data(Path(data_dir), train_cfg.seq_len, train_cfg.batch_size)
@@ -164,6 +170,26 @@ def run(args: argparse.Namespace) -> int:
         if last is not None:
             print(f"checkpoint: {last}")
     return 0
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The `KEY=VALUE` changes asked for: --set and field flags in command-line order, then the
+    --steps and --threads shortcuts."""
+    overrides = list(args.overrides)
+    for flag, value in (("steps", args.steps), ("threads", args.threads)):
+        if value is not None:
+            overrides.append(f"{flag}={value}")
+    return overrides
+
+
+def configs_of(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, dict]:
+    """(model config, train config, extra) of a fresh run: the preset, then the --config file,
+    then the flags (`build_configs`); ConfigError names a bad field."""
+    from ultramem.commands.config_flags import cli_train_defaults
+    from ultramem.train.config import build_configs
+
+    return build_configs(args.preset, args.config, overrides_of(args),
+                         train_defaults=cli_train_defaults())
 
 
 def _check_data(data_dir: Path, seq_len: int, batch_size: int) -> None:

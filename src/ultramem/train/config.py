@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import ConfigError, ModelConfig, check_types
+from ultramem.config import SPARSE_CONFIGS, ConfigError, ModelConfig, check_types
 from ultramem.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -58,40 +58,40 @@ class TrainConfig:
     training process); the batches are the same whatever the number (`data.shards`).
     """
 
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    schedule: str = "cosine"
-    decay_frac: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    value_lr_schedule: str = "auto"
-    value_lr_scale: float = 1.0
-    value_weight_decay: float = 0.0
-    value_update: str = "sparse"
-    value_optimizer: str = "adam"
-    grad_clip: float = 1.0
-    value_grad_clip: float = 1.0
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # cosine and wsd end at min_lr_ratio * lr
+    warmup: int = 20  # steps of linear warmup
+    schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
+    decay_frac: float = 0.2  # wsd: the fraction of steps spent decaying
+    weight_decay: float = 0.1  # AdamW decay of matrices (linear maps, embeddings, keys)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    value_lr_schedule: str = "auto"  # value tables' multiplier: auto, constant or v1
+    value_lr_scale: float = 1.0  # value tables' lr = schedule(step) * value_lr_scale * multiplier
+    value_weight_decay: float = 0.0  # weight decay of the value tables
+    value_update: str = "sparse"  # sparse (lazy row update) or dense (AdamW) value tables
+    value_optimizer: str = "adam"  # sparse value update: adam or row-wise adagrad
+    grad_clip: float = 1.0  # global-norm clip of all but the tables' gradients (0 = off)
+    value_grad_clip: float = 1.0  # global-norm clip of the tables' gradients (0 = off)
     precision: str = "auto"
     activation_checkpointing: bool = False
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_last: int = 3
-    max_bad_steps: int = 5
-    seed: int = 0
+    eval_every: int = 100  # steps between evaluations (0 = none)
+    eval_batches: int = 8  # batches per evaluation
+    log_every: int = 10  # steps between metrics.jsonl rows
+    ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept
+    max_bad_steps: int = 5  # non-finite steps in a row that stop the run
+    seed: int = 0  # seeds the model init and the batch order
     device: str = "auto"
     threads: int = 0
-    tensorboard: bool = True
-    plot: bool = True
-    parallel: str = "ddp"
+    tensorboard: bool = True  # write TensorBoard logs to tb/
+    plot: bool = True  # draw loss.png at the end
+    parallel: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2) for dense weights
     shard_tables: bool = False
     ckpt_format: str = "auto"
     data_workers: int = 1
@@ -235,7 +235,8 @@ def build_configs(preset: str | None = None, config_file: str | Path | None = No
 
 def merge_model_changes(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """base (a ModelConfig dict) with changes applied; `memory` changes merge into base's memory
-    (false: the dense model)."""
+    (false: the dense model; another `kind`: that kind's defaults, not base's fields). A memory
+    field the kind does not have is a ConfigError naming it."""
     changes = dict(changes)
     mem_changes = changes.pop("memory", None)
     _require(mem_changes is None or mem_changes is False or isinstance(mem_changes, dict),
@@ -243,8 +244,26 @@ def merge_model_changes(base: dict[str, Any], changes: dict[str, Any]) -> dict[s
              f"dense model, got {mem_changes!r}")
     out = {**base, **changes}
     if mem_changes is not None:
-        if out.get("memory") is None or mem_changes is False:
-            out["memory"] = None if mem_changes in (None, False) else mem_changes
+        old = out.get("memory")
+        if mem_changes is False:
+            out["memory"] = None
+        elif old is None or mem_changes.get("kind", old.get("kind")) != old.get("kind"):
+            out["memory"] = mem_changes  # a new kind starts from its own class's defaults
         else:
-            out["memory"] = {**out["memory"], **mem_changes}
+            out["memory"] = {**old, **mem_changes}
+        if out["memory"] is not None:
+            _check_memory_fields(out["memory"].get("kind", "ultramem_v2"), mem_changes)
     return out
+
+
+def _check_memory_fields(kind: Any, changes: dict[str, Any]) -> None:
+    """ConfigError naming a changed memory field that memory kind `kind` does not have."""
+    if not isinstance(kind, str) or kind not in SPARSE_CONFIGS:
+        return  # sparse_config_from_dict names the bad kind
+    owners = {k: {f.name for f in dataclasses.fields(c)} for k, c in SPARSE_CONFIGS.items()}
+    for name in changes:
+        if name not in owners[kind]:
+            others = [k for k, names in owners.items() if name in names]
+            where = f"a field of {', '.join(others)}" if others else "no memory kind has it"
+            raise ConfigError(f"model.memory.{name}: not a field of memory kind {kind!r} "
+                              f"({SPARSE_CONFIGS[kind].__name__}; {where})")
