@@ -95,24 +95,31 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     runs = result["runs"]
     if not runs:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     archs = list(dict.fromkeys(r["arch"] for r in runs))
     for arch in archs:
         rs = sorted((r for r in runs if r["arch"] == arch), key=lambda r: r["total_params"])
         x = [r["total_params"] for r in rs]
-        axes[0].plot(x, [r["bits"] for r in rs], "o-", label=arch)
+        line, = axes[0].plot(x, [r["bits"] for r in rs], "o-", label=arch)
         axes[1].plot(x, [r["bits_per_total"] for r in rs], "o-", label=arch)
         axes[2].plot(x, [r["bits_per_active"] for r in rs], "o-", label=arch)
+        for r in rs:  # learning curves: levelling off is saturation
+            axes[3].plot([c["epoch"] for c in r["curve"]], [c["bits"] for c in r["curve"]],
+                         "-", color=line.get_color(), alpha=0.4 + 0.6 * (r is rs[-1]))
     xs = sorted(r["total_params"] for r in runs)
     axes[0].plot(xs, [2 * x for x in xs], "k--", lw=1, label="2 bits / param")
     axes[0].axhline(runs[0]["world_bits"], color="grey", lw=1, ls=":", label="every fact")
     axes[1].axhline(2.0, color="k", ls="--", lw=1, label="2 bits / param")
     titles = ("bits stored", "bits per total parameter", "bits per active parameter")
-    for ax, title in zip(axes, titles, strict=True):
+    for ax, title in zip(axes, titles, strict=False):
         ax.set_xscale("log")
         ax.set_xlabel("total parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    axes[3].axhline(runs[0]["world_bits"], color="grey", lw=1, ls=":")
+    axes[3].set_xlabel("epoch (passes over the facts)")
+    axes[3].set_title("bits stored during training (largest of each arch darkest)")
+    axes[3].grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
