@@ -394,7 +394,7 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
     """Every run of cfg.plan() (cfg.jobs at a time), then the report in cfg.out."""
     import torch
 
-    from ultramem.eval.study import git_commit
+    from ultramem.eval.study import git_commit, in_processes
 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -413,13 +413,9 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
     if cfg.jobs == 1 or len(plan) <= 1:
         rows = [train_capacity(cfg, a, m, work / run_name(a, m), log) for a, m in plan]
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         log(f"[capacity] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads} thread(s) each")
-        with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, cfg, a, m, work / run_name(a, m)) for a, m in plan]
-            rows = [f.result() for f in futures]
+        rows = in_processes(_run_one, [(cfg, a, m, work / run_name(a, m)) for a, m in plan],
+                            cfg.jobs)
     result = {"config": {**asdict(cfg), "archs": list(cfg.archs)}, "commit": commit,
               "python": sys.version.split()[0], "torch": torch.__version__,
               "wall_seconds": time.perf_counter() - t0, "runs": rows, "not_run": missing}

@@ -306,13 +306,19 @@ def _run_parallel(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]], da
     """Train the runs of plan `cfg.jobs` at a time in worker processes; rows in plan order.
     Each run is independent (its own directory, seed and resume state), so the rows equal
     those of a sequential study; only the wall time (and each run's s/step) differ."""
+    log(f"[study] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads or 1} thread(s) each")
+    return in_processes(_run_one, [(cfg, name, model_cfg, data_dir, work, seed)
+                                   for name, model_cfg, seed in plan], cfg.jobs)
+
+
+def in_processes(fn, calls: list[tuple], jobs: int) -> list[Any]:
+    """[fn(*args) for args in calls], `jobs` at a time in spawned worker processes (fresh
+    interpreters: no inherited torch threads or state); results in the order of calls."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    log(f"[study] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads or 1} thread(s) each")
-    with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_one, cfg, name, model_cfg, data_dir, work, seed)
-                   for name, model_cfg, seed in plan]
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
         return [f.result() for f in futures]
 
 
