@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ultramem import memory_budget as mb
     from ultramem.data.shards import read_meta
+    from ultramem.eval.study import git_commit
     from ultramem.train.config import build_configs
 
     work = Path(args.work)
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "threads": args.threads},
         "command": " ".join([sys.executable, *sys.argv]),
+        "git_commit": git_commit(),
         "memory_breakdown_bytes": budget,
         "runs": {"killed": first, "resumed": second},
         "resume_check": compare, "resume_exact": all(c["equal"] for c in compare),
