@@ -112,6 +112,33 @@ def test_training_stores_facts_and_a_finished_run_is_reused(tmp_path, one_thread
     assert len(changed["curve"]) == 1  # other settings: trained again, not reused
 
 
+def test_value_lr_scale_reaches_the_tables_and_keeps_old_runs_reusable(tmp_path, one_thread,
+                                                                      monkeypatch):
+    from ultramem.train import optim
+
+    seen: list[tuple[float, float]] = []
+    real = optim.set_lrs
+
+    def spy(opts, train_cfg, step, memory_cfg):
+        out = real(opts, train_cfg, step, memory_cfg)
+        groups = [g for o in opts.values() for g in o.param_groups]
+        tables = {g["lr"] for g in groups if g.get("name") == "values"}
+        dense = {g["lr"] for g in groups if g.get("name") != "values"}
+        seen.append((dense, tables))
+        return out
+
+    monkeypatch.setattr(optim, "set_lrs", spy)
+    cfg = _tiny(tmp_path, epochs=2, measure_every=2, value_lr_scale=4.0)
+    train_capacity(cfg, "ultramem_v2", 2.0, tmp_path / "r", lambda m: None)
+    assert seen and all(len(d) == len(t) == 1 for d, t in seen), seen[:3]
+    assert all(t.pop() == pytest.approx(4.0 * d.pop()) for d, t in seen), seen[:3]
+    # Settings: the default scale is left out, so runs made before the field existed match.
+    assert "value_lr_scale" not in _tiny(tmp_path).settings()
+    assert _tiny(tmp_path, value_lr_scale=4.0).settings()["value_lr_scale"] == 4.0
+    with pytest.raises(ValueError, match="value_lr_scale"):
+        _tiny(tmp_path, value_lr_scale=0.0)
+
+
 def test_run_capacity_writes_the_report(tmp_path, one_thread):
     cfg = _tiny(tmp_path, archs=("dense", "moe"), multiples=(2.0,), dense_multiples=(1.0,),
                 epochs=4, measure_every=2, command="ultramem capacity --test")

@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help="times each fact is seen")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--value-lr-scale", type=float, default=d.value_lr_scale,
+                   help="the memory value tables' learning rate as a multiple of --lr")
     p.add_argument("--measure-every", type=int, default=d.measure_every,
                    help="epochs between measurements of the bits stored")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         archs=archs, multiples=_floats(args.multiples, "--multiples"),
         dense_multiples=_floats(args.dense_multiples, "--dense-multiples"), world=world,
         d_model=args.d_model, ffn_hidden=args.ffn_hidden, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, measure_every=args.measure_every,
+        batch_size=args.batch_size, lr=args.lr,
+        value_lr_scale=args.value_lr_scale, measure_every=args.measure_every,
         seed=args.seed, out=args.out, work=args.work, threads=args.threads or 1,
         jobs=args.jobs, report_only=args.report_only, command="ultramem " + shlex.join(sys.argv[1:])
         if sys.argv[1:2] == ["capacity"] else "ultramem capacity")

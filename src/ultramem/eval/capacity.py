@@ -212,6 +212,9 @@ class CapacityConfig:
     epochs: int = 60
     batch_size: int = 1024
     lr: float = 1e-2
+    # The value tables' learning rate, x lr (TrainConfig.value_lr_scale): memory rows are each
+    # read by few tokens, so they train slower than dense weights at the same rate.
+    value_lr_scale: float = 1.0
     measure_every: int = 10  # epochs between measurements of the bits stored
     seed: int = 0
     precision: str = "auto"
@@ -232,6 +235,7 @@ class CapacityConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.value_lr_scale > 0, "value_lr_scale", "must be > 0")
         _require(all(m > 1 for m in self.multiples), "multiples",
                  "sparse totals must exceed the activated count (multiples > 1)")
         _require(all(m >= 1 for m in self.dense_multiples), "dense_multiples", "must be >= 1")
@@ -247,9 +251,11 @@ class CapacityConfig:
     def settings(self) -> dict[str, Any]:
         """What a finished run must match to be reused."""
         keep = ("world", "d_model", "n_layers", "n_heads", "ffn_hidden", "epochs",
-                "batch_size", "lr", "measure_every", "seed", "precision")
-        return {k: (asdict(getattr(self, k)) if k == "world" else getattr(self, k))
-                for k in keep}
+                "batch_size", "lr", "value_lr_scale", "measure_every", "seed", "precision")
+        out = {k: (asdict(getattr(self, k)) if k == "world" else getattr(self, k)) for k in keep}
+        if out["value_lr_scale"] == 1.0:  # runs made before the field existed used 1.0
+            del out["value_lr_scale"]
+        return out
 
 
 def run_name(arch: str, multiple: float) -> str:
@@ -321,7 +327,7 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
     total_steps = cfg.epochs * steps_per_epoch
     train_cfg = TrainConfig(steps=total_steps, batch_size=cfg.batch_size,
                             seq_len=world.name_len + 1, lr=cfg.lr, warmup=steps_per_epoch,
-                            weight_decay=0.0, precision=cfg.precision, seed=cfg.seed)
+                            value_lr_scale=cfg.value_lr_scale, weight_decay=0.0, precision=cfg.precision, seed=cfg.seed)
     runtime_cfg = model_cfg
     if hasattr(model_cfg.memory, "sparse_grad"):
         runtime_cfg = model_cfg.replace(memory={"sparse_grad": True})

@@ -48,7 +48,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**Training**: every model {cfg['epochs']} epochs (each fact seen {cfg['epochs']} "
         f"times), batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warmup one epoch, cosine to "
-        "10%), no weight decay, value tables by row-sparse Adam, seed "
+        "10%), no weight decay, value tables by row-sparse Adam at "
+        f"{cfg.get('value_lr_scale', 1.0):g} x that lr, seed "
         f"{cfg['seed']}, precision {runs[0]['precision'] if runs else cfg['precision']}.",
         "",
         f"**Models**: backbone d_model {cfg['d_model']}, {cfg['n_layers']} blocks, "
