@@ -327,7 +327,8 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
     total_steps = cfg.epochs * steps_per_epoch
     train_cfg = TrainConfig(steps=total_steps, batch_size=cfg.batch_size,
                             seq_len=world.name_len + 1, lr=cfg.lr, warmup=steps_per_epoch,
-                            value_lr_scale=cfg.value_lr_scale, weight_decay=0.0, precision=cfg.precision, seed=cfg.seed)
+                            value_lr_scale=cfg.value_lr_scale, weight_decay=0.0,
+                            precision=cfg.precision, seed=cfg.seed)
     runtime_cfg = model_cfg
     if hasattr(model_cfg.memory, "sparse_grad"):
         runtime_cfg = model_cfg.replace(memory={"sparse_grad": True})
