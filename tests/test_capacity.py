@@ -134,7 +134,10 @@ def test_value_lr_scale_reaches_the_tables_and_keeps_old_runs_reusable(tmp_path,
     assert all(t.pop() == pytest.approx(4.0 * d.pop()) for d, t in seen), seen[:3]
     # Settings: the default scale is left out, so runs made before the field existed match.
     assert "value_lr_scale" not in _tiny(tmp_path).settings()
-    assert _tiny(tmp_path, value_lr_scale=4.0).settings()["value_lr_scale"] == 4.0
+    assert _tiny(tmp_path, value_lr_scale=4.0).settings("pkm")["value_lr_scale"] == 4.0
+    # ... and so is it for architectures without tables: their runs are reused across scales.
+    for arch in ("dense", "moe"):
+        assert _tiny(tmp_path, value_lr_scale=4.0).settings(arch) == _tiny(tmp_path).settings()
     with pytest.raises(ValueError, match="value_lr_scale"):
         _tiny(tmp_path, value_lr_scale=0.0)
 

@@ -47,6 +47,8 @@ from ultramem.config import (
 )
 
 CAPACITY_ARCHS = ("dense", "moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2")
+# Architectures without memory value tables: --value-lr-scale does not change them.
+NO_VALUE_TABLES = ("dense", "moe")
 
 
 def _require(ok: bool, name: str, reason: str) -> None:
@@ -248,12 +250,13 @@ class CapacityConfig:
             runs += [(arch, m) for m in mults]
         return runs
 
-    def settings(self) -> dict[str, Any]:
-        """What a finished run must match to be reused."""
+    def settings(self, arch: str | None = None) -> dict[str, Any]:
+        """What a finished run of arch must match to be reused. value_lr_scale is left out where
+        it is 1 (runs made before the field existed) or where arch has no value tables."""
         keep = ("world", "d_model", "n_layers", "n_heads", "ffn_hidden", "epochs",
                 "batch_size", "lr", "value_lr_scale", "measure_every", "seed", "precision")
         out = {k: (asdict(getattr(self, k)) if k == "world" else getattr(self, k)) for k in keep}
-        if out["value_lr_scale"] == 1.0:  # runs made before the field existed used 1.0
+        if out["value_lr_scale"] == 1.0 or arch in NO_VALUE_TABLES:
             del out["value_lr_scale"]
         return out
 
@@ -297,7 +300,7 @@ def finished_run(cfg: CapacityConfig, run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "result.json"
     if path.is_file():
         done = json.loads(path.read_text())
-        if done.get("settings") == cfg.settings():
+        if done.get("settings") == cfg.settings(done.get("arch")):
             return done
     return None
 
@@ -375,7 +378,7 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
     if not math.isfinite(curve[-1]["value_loss"]):
         raise RuntimeError(f"{name}: training diverged (value loss {curve[-1]['value_loss']})")
     final = curve[-1]
-    row = {"name": name, "arch": arch, "multiple": multiple, "settings": cfg.settings(),
+    row = {"name": name, "arch": arch, "multiple": multiple, "settings": cfg.settings(arch),
            "model": model_cfg.to_dict(), "total_params": counts["total"],
            "active_params": counts["active"], "n_facts": len(facts),
            "world_bits": len(facts) * world.bits_per_fact, "bits": final["bits"],
