@@ -50,13 +50,13 @@ def run(preset: str, tokens: int, repeats: int) -> dict:
         order = ("reference", "fast") if r % 2 == 0 else ("fast", "reference")
         for form in order:
             t0 = time.perf_counter()
-            for state, g in zip(ours if form == "fast" else ref, grads):
+            for state, g in zip(ours if form == "fast" else ref, grads, strict=True):
                 if form == "fast":
                     lazy_adam_rows(*state, picked, g, **hyper, ws=ws)
                 else:
                     lazy_adam_rows_reference(*state, picked, g, **hyper)
             times[form].append(time.perf_counter() - t0)
-    diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ours, ref))
+    diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ours, ref, strict=True))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first warms up
     return {"preset": preset, "tokens": tokens, "rows": rows, "table_rows": table.rows,
             "widths": widths, "repeats": repeats, "threads": torch.get_num_threads(),

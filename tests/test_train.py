@@ -363,6 +363,6 @@ def test_lazy_adam_fast_path_equals_its_reference(wd):
         g = torch.randn(u, 5)
         lazy_adam_rows(p, m, v, n, rows, g, 0.05, 0.9, 0.95, 1e-8, wd, ws)
         lazy_adam_rows_reference(*ref, rows, g, 0.05, 0.9, 0.95, 1e-8, wd)
-        for ours, theirs in zip((p, m, v, n), ref):
+        for ours, theirs in zip((p, m, v, n), ref, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
     assert torch.equal(n, ref[3]) and int(n.max()) >= 2
