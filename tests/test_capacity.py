@@ -151,6 +151,7 @@ def test_run_capacity_writes_the_report(tmp_path, one_thread):
                                                      "capacity.png"]
     md = (out / "capacity.md").read_text()
     assert "ultramem capacity --test" in md and "moe_x2" in md and "dense_x1" in md
+    assert "| saturation |" in md and "last fifth" in md
     saved = json.loads((out / "capacity.json").read_text())
     assert [r["name"] for r in saved["runs"]] == ["dense_x1", "moe_x2"]
     assert saved["runs"][1]["bits"] == result["runs"][1]["bits"]
@@ -172,3 +173,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--multiples: expected comma-separated numbers" in capsys.readouterr().err
     assert main(["capacity", "--subjects", "999999", "--work", str(tmp_path)]) == 2
     assert "world.n_subjects" in capsys.readouterr().err
+
+
+def test_saturation_verdicts():
+    from ultramem.eval.capacity_report import last_fifth_gain, saturation
+
+    def run(points, world_bits=1000.0):
+        curve = [{"epoch": e, "bits": b} for e, b in points]
+        return {"curve": curve, "bits": curve[-1]["bits"], "world_bits": world_bits}
+
+    flat = run([(20, 300.0), (40, 480.0), (60, 495.0), (80, 498.0), (100, 500.0)])
+    assert last_fifth_gain(flat) == pytest.approx(0.004) and saturation(flat) == "levelled off"
+    rising = run([(20, 100.0), (40, 200.0), (60, 300.0), (80, 400.0), (100, 500.0)])
+    assert last_fifth_gain(rising) == pytest.approx(0.2) and saturation(rising) == "still rising"
+    assert saturation(run([(50, 900.0), (100, 995.0)])) == "world filled"
+    assert saturation(run([(100, 500.0)])) == "still rising"  # one point: nothing shows it

@@ -21,6 +21,29 @@ def _converged(run: dict[str, Any]) -> str:
     return f"{half['bits'] / max(run['bits'], 1e-9):.0%}"
 
 
+LEVELLED = 0.05  # a run that gained under 5% of its bits over its last fifth has levelled off
+
+
+def last_fifth_gain(run: dict[str, Any]) -> float:
+    """Share of the final bits gained over the last fifth of the epochs (from the measurement
+    nearest 80% of the way; 1.0 when there is none before the end)."""
+    curve = run["curve"]
+    end = curve[-1]["epoch"]
+    earlier = [c for c in curve if c["epoch"] < end]
+    if not earlier:
+        return 1.0
+    at = min(earlier, key=lambda c: abs(c["epoch"] - 0.8 * end))
+    return (run["bits"] - at["bits"]) / max(run["bits"], 1e-9)
+
+
+def saturation(run: dict[str, Any]) -> str:
+    """'world filled' (>= 99% of the world's bits: its capacity is not measured), 'levelled off'
+    (the last fifth added < LEVELLED), or 'still rising'."""
+    if run["bits"] >= 0.99 * run["world_bits"]:
+        return "world filled"
+    return "levelled off" if last_fifth_gain(run) < LEVELLED else "still rising"
+
+
 def markdown(result: dict[str, Any]) -> str:
     cfg, runs = result["config"], result["runs"]
     world = cfg["world"]
@@ -59,7 +82,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "**Bits stored** = sum over facts of max(0, log2 n_values - NLL(value) in bits); "
         "recalled = the value is the model's top value token. 'half-way' is the bits stored "
-        "at half the epochs as a share of the final figure (near 100%: levelled off).",
+        "at half the epochs as a share of the final figure; 'last fifth' the share of the final "
+        f"bits gained over the last fifth of the epochs; a run is 'levelled off' when that is "
+        f"under {LEVELLED:.0%} and 'world filled' when it stores 99% of the world's bits (then "
+        "its figure is a lower bound on its capacity).",
         "",
     ]
     rows = []
@@ -67,10 +93,11 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append([r["name"], f"{r['total_params']:,}", f"{r['active_params']:,}",
                      f"{r['recalled'] / r['n_facts']:.1%}", _k(r["bits"]),
                      f"{r['bits_per_total']:.2f}", f"{r['bits_per_active']:.2f}",
-                     _converged(r), f"{r['wall_seconds'] / 60:.1f}"])
+                     _converged(r), f"{last_fifth_gain(r):.1%}", saturation(r),
+                     f"{r['wall_seconds'] / 60:.1f}"])
     lines += _table(["run", "total params", "active params", "facts recalled", "bits stored",
-                     "bits / total param", "bits / active param", "half-way",
-                     "wall min"], rows)
+                     "bits / total param", "bits / active param", "half-way", "last fifth",
+                     "saturation", "wall min"], rows)
     lines += ["", "Bits per total parameter by architecture and size (rows: total as a "
               "multiple of the dense reference):", ""]
     archs = list(dict.fromkeys(r["arch"] for r in runs))
