@@ -137,6 +137,7 @@ class RowAdagrad(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self._workspace = Workspace()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -156,10 +157,12 @@ class RowAdagrad(torch.optim.Optimizer):
                 acc_r = acc[rows] + g.pow(2).flatten(1).mean(1)  # [U]
                 acc[rows] = acc_r
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                p_r = p[rows]
+                # p_r -= lr * g / (sqrt(G_row) + eps), gathered into a reused buffer (Workspace)
+                p_r = torch.index_select(p, 0, rows, out=self._workspace.get(0, p, rows.numel()))
                 if wd:
                     p_r.mul_(1 - lr * wd)
-                p[rows] = p_r.sub_(g / (acc_r.sqrt().add_(eps).view(shape)), alpha=lr)
+                p.index_copy_(0, rows, p_r.addcdiv_(g, acc_r.sqrt().add_(eps).view(shape),
+                                                    value=-lr))
         return None
 
 
