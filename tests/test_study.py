@@ -61,6 +61,27 @@ def test_study_reuses_finished_runs_and_checks_names(study_dirs, tmp_path):
         StudyConfig(ablations=("no_such_ablation",))
 
 
+def test_report_only_reports_the_finished_runs_and_names_the_others(study_dirs, tmp_path,
+                                                                    capsys):
+    out, work = study_dirs
+    flags = [*CI, "--work", str(work), "--report-only"]
+    # The study's runs plus one that never ran (a third seed of dense): reported, not trained.
+    assert main(["study", *flags, "--out", str(tmp_path / "r"), "--archs", "dense,moe",
+                 "--ablations", "none", "--seeds", "2", "--seeded", "dense"]) == 0
+    data = json.loads((tmp_path / "r" / "tiny.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["dense", "moe"]
+    assert data["not_run"] == ["dense@seed1"] and not (work / "tiny" / "dense_seed1").exists()
+    md = (tmp_path / "r" / "tiny.md").read_text()
+    assert "**Partial report**: 2 of 3 runs" in md and "dense@seed1" in md
+    rows = {r["name"]: r for r in json.loads((out / "tiny.json").read_text())["runs"]}
+    assert data["runs"][1]["text"] == rows["moe"]["text"]  # the finished run's own figures
+    # Nothing finished (other settings) or nothing prepared: a one-line error, exit 2.
+    assert main(["study", *flags, "--steps", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "report_only: none of the" in capsys.readouterr().err
+    assert main(["study", *CI, "--work", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no prepared data" in capsys.readouterr().err
+
+
 def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path):
     """--seeds 2 --seeded moe,ultramem_v2: the seed-0 runs are reused, the repeats train with
     seed 1 on the same data, and the report judges UltraMemV2 vs MoE against their spread."""

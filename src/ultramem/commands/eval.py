@@ -7,6 +7,7 @@ Examples:
   ultramem study --family small --steps 300 --seeds 2 --seeded moe,ultramem_v2
   ultramem study --family small --corpus english --steps 9766 --batch-size 8 --seq-len 256 \
       --archs moe,ultramem_v2 --ablations none --seeds 3 --jobs 2    # 20M tokens per run
+  (the same command + --report-only: a report of the runs finished so far, none trained)
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where the corpus's packages and export live (fetched once)")
     s.add_argument("--task-share", type=float, default=0.1,
                    help="with --corpus: the task documents' share of the mix's characters")
+    s.add_argument("--report-only", action="store_true",
+                   help="report the plan's finished runs in --work and name the others; "
+                        "train nothing (the same flags as the run that made them)")
     s.set_defaults(func=run_study_cmd)
 
 
@@ -135,10 +139,13 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
             jobs=args.jobs, corpus=args.corpus, corpus_root=args.corpus_root,
-            task_share=args.task_share,
+            task_share=args.task_share, report_only=args.report_only,
             command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
             else "ultramem study " + f"--family {args.family} --steps {args.steps}",
         )
+        if cfg.report_only:  # trains nothing: its one failure (nothing finished) is the user's
+            run_study(cfg)
+            return 0
     except ValueError as err:
         print(f"ultramem study: {err}", file=sys.stderr)
         return 2

@@ -104,6 +104,10 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
                   f"batch order); data and evaluation examples are those of seed {cfg['seed']}. "
                   "Their spread is the run-to-run noise the comparisons are judged against.", ""]
     lines += ["```", study["config"].get("command") or "ultramem study", "```", ""]
+    if study.get("not_run"):
+        lines += [f"**Partial report**: {len(runs)} of {len(runs) + len(study['not_run'])} "
+                  f"runs of the plan have finished. Not finished yet: "
+                  f"{', '.join(study['not_run'])}.", ""]
     run_hours = sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in runs) / 3600
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
               f"{study['threads']} CPU thread(s)",

@@ -7,7 +7,8 @@ data, steps and seed, then evaluated on held-out text and every task; plus Ultra
 and keeps each run (checkpoint, metrics, eval.json) under `work/<family>/<name>/`; a run whose
 eval.json matches the study settings is reused, and a run killed part way (its study.json matches
 the settings) resumes from its last checkpoint (every quarter of the steps), so an interrupted
-study continues where it stopped.
+study continues where it stopped. `report_only` writes the report of the runs finished so far
+(named as a partial report, with the unfinished ones listed) and trains nothing.
 
 Seeds: `seeds=k` repeats the runs named in `seeded` (None: every run) with training seeds
 seed+1 .. seed+k-1, as runs `<name>@seed<s>`. The data mix and the evaluation examples stay those
@@ -70,6 +71,7 @@ class StudyConfig:
     corpus: str | None = None  # a named corpus (see the module doc); None: the built-in mix
     corpus_root: str = "data/corpus"  # where the corpus's packages and export live
     task_share: float = 0.1  # with a corpus: the task documents' share of the mix's characters
+    report_only: bool = False  # report the plan's finished runs (and name the others); train none
     command: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -334,6 +336,29 @@ def git_commit() -> str:
         return "?"
 
 
+def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
+              work: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """(data meta, rows of the plan's runs whose eval.json matches cfg, names of the others);
+    for `report_only`, which trains and prepares nothing."""
+    from ultramem.data.shards import read_meta
+
+    data_dir = work / "data"
+    if not (data_dir / "meta.json").is_file():
+        raise ValueError(f"report_only: no prepared data in {data_dir}: nothing has run there")
+    rows, missing = [], []
+    for name, _, seed in plan:
+        done = run_dir(work, name) / "eval.json"
+        row = json.loads(done.read_text()) if done.is_file() else None
+        if row is not None and row.get("settings") == _settings(cfg, seed):
+            rows.append(row)
+        else:
+            missing.append(name)
+    if not rows:
+        raise ValueError(f"report_only: none of the {len(plan)} runs has finished in {work} "
+                         f"({', '.join(missing)})")
+    return read_meta(data_dir), rows, missing
+
+
 def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     """Train and evaluate every run of cfg; write the report and plots; return the results."""
     import torch
@@ -344,15 +369,21 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     commit = git_commit()  # the code the runs start from (not what HEAD is when they end)
     work = Path(cfg.work) / cfg.name
     data_dir = work / "data"
-    meta = build_data(cfg, data_dir, log)
-    log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
-        f"({meta['tokenizer']['kind']}) in {data_dir}")
     plan = run_plan(cfg)
-    if cfg.jobs == 1 or len(plan) == 1:
-        rows = [train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name), log,
-                               seed=seed) for name, model_cfg, seed in plan]
+    not_run: list[str] = []
+    if cfg.report_only:
+        meta, rows, not_run = _finished(cfg, plan, work)
+        log(f"[study] report only: {len(rows)} finished run(s) of {len(plan)}"
+            + (f"; not finished: {', '.join(not_run)}" if not_run else ""))
     else:
-        rows = _run_parallel(cfg, plan, data_dir, work, log)
+        meta = build_data(cfg, data_dir, log)
+        log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
+            f"({meta['tokenizer']['kind']}) in {data_dir}")
+        if cfg.jobs == 1 or len(plan) == 1:
+            rows = [train_and_eval(cfg, name, model_cfg, data_dir, run_dir(work, name), log,
+                                   seed=seed) for name, model_cfg, seed in plan]
+        else:
+            rows = _run_parallel(cfg, plan, data_dir, work, log)
     study = {"name": cfg.name, "config": {**asdict(cfg), "archs": list(cfg.archs),
                         "ablations": list(cfg.ablations),
                         "seeded": None if cfg.seeded is None else list(cfg.seeded)},
@@ -361,7 +392,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
              "wall_seconds": time.perf_counter() - t0, "data": {
                  "train_tokens": meta["splits"]["train"]["n_tokens"],
                  "tokenizer": meta["tokenizer"]["kind"], "vocab_size": meta["vocab_size"]},
-             "runs": rows}
+             "runs": rows, "not_run": not_run}
     from ultramem.eval.report import write_report
 
     paths = write_report(study, Path(cfg.out), work)
