@@ -262,3 +262,14 @@ def test_a_corpus_study_trains_on_the_corpus_and_measures_its_heldout_split(tmp_
     assert meta["splits"]["train"]["n_tokens"] > corpus_bytes  # bytes tokenizer (tiny)
     with pytest.raises(Exception, match="corpus"):
         StudyConfig(corpus="no-such-corpus")
+
+
+def test_logged_train_seconds_sums_every_process_of_a_run():
+    from ultramem.eval.study import logged_train_seconds
+
+    # Steps 1-20 logged every 10 by one process, 21-30 by a resumed one; an eval-only row
+    # (no tokens_per_s) does not start a new interval.
+    rows = [{"step": 10, "tokens_per_s": 100.0}, {"step": 20, "tokens_per_s": 50.0},
+            {"step": 20, "eval_loss": 1.0}, {"step": 30, "tokens_per_s": 200.0}]
+    assert logged_train_seconds(rows, tokens_per_step=10) == pytest.approx(1 + 2 + 0.5)
+    assert logged_train_seconds([], 10) == 0.0

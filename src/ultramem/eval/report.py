@@ -108,7 +108,8 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
         lines += [f"**Partial report**: {len(runs)} of {len(runs) + len(study['not_run'])} "
                   f"runs of the plan have finished. Not finished yet: "
                   f"{', '.join(study['not_run'])}.", ""]
-    run_hours = sum(r.get("train_seconds", 0.0) + r.get("seconds", 0.0) for r in runs) / 3600
+    run_hours = sum(r.get("train_seconds_logged", r.get("train_seconds", 0.0))
+                    + r.get("seconds", 0.0) for r in runs) / 3600
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
               f"{study['threads']} CPU thread(s)",
               f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq_len "
@@ -116,8 +117,9 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
               f"{study['data']['train_tokens']:,} train tokens ({study['data']['tokenizer']}, "
               f"vocabulary {study['data']['vocab_size']})",
               f"- wall time {study['wall_seconds'] / 60:.1f} min for this command; the runs' own "
-              f"training and evaluation: {run_hours:.1f} h (a run with a matching eval.json is "
-              f"reused, not retrained); task examples per task: {cfg['n_examples']} (task size "
+              f"training and evaluation: {run_hours:.1f} h (training summed from each run's "
+              f"log over all the processes it took; a run with a matching eval.json is reused, "
+              f"not retrained); task examples per task: {cfg['n_examples']} (task size "
               f"`{cfg['task_size'] or cfg['family']}`)", ""]
     return lines
 

@@ -223,6 +223,18 @@ def _settings(cfg: StudyConfig, seed: int | None = None) -> dict[str, Any]:
     return out
 
 
+def logged_train_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> float:
+    """A run's training wall time over all its processes (a run resumed across sessions), from
+    its metrics log: each logged tokens_per_s covers the steps since the previous one, its
+    evaluations and checkpoint writes included; building the model at each start is not."""
+    total, prev = 0.0, 0
+    for r in rows:
+        if r.get("tokens_per_s"):
+            total += (r["step"] - prev) * tokens_per_step / r["tokens_per_s"]
+            prev = r["step"]
+    return total
+
+
 def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir: Path,
                    run_dir: Path, log=print, seed: int | None = None) -> dict[str, Any]:
     """Train one run (or reuse a finished one) and evaluate it; returns its row.
@@ -279,12 +291,14 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
                       float("nan"))
     val_loss = next((r["eval_loss"] for r in reversed(logged) if "eval_loss" in r), None)
     per_step = train_s / max(cfg.steps - start, 1)  # timed over the steps this process ran
+    logged_s = logged_train_seconds(logged, cfg.batch_size * seq_len)
     log(f"[study] {name}: steps {start}..{cfg.steps} in {train_s:.0f}s "
         f"({per_step:.2f} s/step), loss {final_loss:.3f}")
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text=heldout_text(cfg),
                                  text_chars=cfg.text_chars)
     row = {"name": name, "settings": settings, "train_seconds": train_s,
+           "train_seconds_logged": logged_s,
            "seconds_per_step": per_step, "resumed_from_step": start,
            "final_loss": final_loss, "val_loss": val_loss, **result}
     done.write_text(json.dumps(row, indent=2))
