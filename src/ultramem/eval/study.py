@@ -355,15 +355,20 @@ def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
     """(data meta, rows of the plan's runs whose eval.json matches cfg, names of the others);
     for `report_only`, which trains and prepares nothing."""
     from ultramem.data.shards import read_meta
+    from ultramem.train.metrics import read_metrics
 
     data_dir = work / "data"
     if not (data_dir / "meta.json").is_file():
         raise ValueError(f"report_only: no prepared data in {data_dir}: nothing has run there")
     rows, missing = [], []
-    for name, _, seed in plan:
+    for name, model_cfg, seed in plan:
         done = run_dir(work, name) / "eval.json"
         row = json.loads(done.read_text()) if done.is_file() else None
         if row is not None and row.get("settings") == _settings(cfg, seed):
+            if "train_seconds_logged" not in row:  # written by code older than the field
+                seq_len = cfg.seq_len or model_cfg.max_seq_len
+                row["train_seconds_logged"] = logged_train_seconds(
+                    read_metrics(run_dir(work, name)), cfg.batch_size * seq_len)
             rows.append(row)
         else:
             missing.append(name)
