@@ -223,6 +223,16 @@ def _settings(cfg: StudyConfig, seed: int | None = None) -> dict[str, Any]:
     return out
 
 
+def finished_row(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's eval.json row if it finished with these settings, else None."""
+    done = run_dir / "eval.json"
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("settings") == settings:
+            return row
+    return None
+
+
 def logged_train_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> float:
     """A run's training wall time over all its processes (a run resumed across sessions), from
     its metrics log: each logged tokens_per_s covers the steps since the previous one, its
@@ -250,11 +260,10 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     from ultramem.train.trainer import Trainer
 
     done = run_dir / "eval.json"
-    if done.is_file():
-        row = json.loads(done.read_text())
-        if row.get("settings") == settings:
-            log(f"[study] {name}: reusing {done}")
-            return row
+    row = finished_row(run_dir, settings)
+    if row is not None:
+        log(f"[study] {name}: reusing {done}")
+        return row
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     train_cfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
@@ -362,16 +371,15 @@ def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
         raise ValueError(f"report_only: no prepared data in {data_dir}: nothing has run there")
     rows, missing = [], []
     for name, model_cfg, seed in plan:
-        done = run_dir(work, name) / "eval.json"
-        row = json.loads(done.read_text()) if done.is_file() else None
-        if row is not None and row.get("settings") == _settings(cfg, seed):
-            if "train_seconds_logged" not in row:  # written by code older than the field
-                seq_len = cfg.seq_len or model_cfg.max_seq_len
-                row["train_seconds_logged"] = logged_train_seconds(
-                    read_metrics(run_dir(work, name)), cfg.batch_size * seq_len)
-            rows.append(row)
-        else:
+        row = finished_row(run_dir(work, name), _settings(cfg, seed))
+        if row is None:
             missing.append(name)
+            continue
+        if "train_seconds_logged" not in row:  # written by code older than the field
+            seq_len = cfg.seq_len or model_cfg.max_seq_len
+            row["train_seconds_logged"] = logged_train_seconds(
+                read_metrics(run_dir(work, name)), cfg.batch_size * seq_len)
+        rows.append(row)
     if not rows:
         raise ValueError(f"report_only: none of the {len(plan)} runs has finished in {work} "
                          f"({', '.join(missing)})")
