@@ -85,7 +85,9 @@ def markdown(result: dict[str, Any]) -> str:
         "at half the epochs as a share of the final figure; 'last fifth' the share of the final "
         f"bits gained over the last fifth of the epochs; a run is 'levelled off' when that is "
         f"under {LEVELLED:.0%} and 'world filled' when it stores 99% of the world's bits (then "
-        "its figure is a lower bound on its capacity).",
+        "its figure is a lower bound on its capacity). 'Levelled off' is judged within one "
+        "schedule: the learning rate decays over the last fifth, so the same model trained for "
+        "more epochs can still store more; a longer run is the test of saturation.",
         "",
     ]
     rows = []
