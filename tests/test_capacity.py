@@ -157,11 +157,14 @@ def test_run_capacity_writes_the_report(tmp_path, one_thread):
     assert saved["runs"][1]["bits"] == result["runs"][1]["bits"]
     # --report-only: the finished runs of a larger plan, the others named, nothing trained.
     more = _tiny(tmp_path, archs=("dense", "moe", "pkm"), multiples=(2.0,),
-                 dense_multiples=(1.0,), epochs=4, measure_every=2, report_only=True)
+                 dense_multiples=(1.0,), epochs=4, measure_every=2, report_only=True, jobs=3)
     again = run_capacity(more, log=lambda m: None)
     assert [r["name"] for r in again["runs"]] == ["dense_x1", "moe_x2"]
     assert again["not_run"] == ["pkm_x2"] and not (tmp_path / "work" / "pkm_x2").exists()
-    assert "Not run yet (the plan's other runs): pkm_x2." in (out / "capacity.md").read_text()
+    md = (out / "capacity.md").read_text()
+    assert "Not run yet (the plan's other runs): pkm_x2." in md
+    # The header says how the runs were trained, not the reporting invocation's --jobs 3.
+    assert "runs trained 1 run(s) at a time with 1 thread(s) each." in md and "3 run(s)" not in md
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -385,7 +385,7 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
            "recalled": final["recalled"], "bits_per_total": final["bits"] / counts["total"],
            "bits_per_active": final["bits"] / counts["active"], "curve": curve,
            "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-           "threads": torch.get_num_threads(), "precision": prec}
+           "threads": torch.get_num_threads(), "jobs": cfg.jobs, "precision": prec}
     from ultramem.files import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -420,7 +420,7 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
         plan = [(a, m) for a, m in plan if run_name(a, m) not in missing]
         log(f"[capacity] reporting {len(plan)} finished runs; not run yet: "
             f"{', '.join(missing) or 'none'}")
-    if cfg.jobs == 1 or len(plan) <= 1:
+    if cfg.jobs == 1 or len(plan) <= 1 or cfg.report_only:  # reports load, train nothing
         rows = [train_capacity(cfg, a, m, work / run_name(a, m), log) for a, m in plan]
     else:
         log(f"[capacity] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads} thread(s) each")

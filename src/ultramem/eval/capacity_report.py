@@ -44,6 +44,17 @@ def saturation(run: dict[str, Any]) -> str:
     return "levelled off" if last_fifth_gain(run) < LEVELLED else "still rising"
 
 
+def _concurrency(cfg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """How many runs shared the machine and with how many threads: the runs' own record (a
+    report-only invocation's --jobs says nothing about how its runs were trained)."""
+    if not cfg.get("report_only"):
+        return f"{cfg['jobs']} run(s) at a time with {cfg['threads']} thread(s) each."
+    kinds = sorted({(r.get("jobs"), r["threads"]) for r in runs}, key=str)
+    said = "; ".join(f"{j if j is not None else 'an unrecorded number of'} run(s) at a time "
+                     f"with {t} thread(s) each" for j, t in kinds)
+    return f"runs trained {said}." if runs else "no runs."
+
+
 def markdown(result: dict[str, Any]) -> str:
     cfg, runs = result["config"], result["runs"]
     world = cfg["world"]
@@ -60,7 +71,7 @@ def markdown(result: dict[str, Any]) -> str:
            else "") + ", "
         f"{cpu / 60:.0f} min CPU over all runs (each run's own figures below; runs reused "
         "from an earlier invocation keep theirs), "
-        f"{cfg['jobs']} run(s) at a time with {cfg['threads']} thread(s) each.",
+        + _concurrency(cfg, runs),
         "",
         f"**World**: {world['n_subjects']:,} names of {world['name_len']} syllables "
         f"(out of {world['n_syllables']}) x {world['n_relations']} relations = {n_facts:,} facts, "
