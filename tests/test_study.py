@@ -101,6 +101,7 @@ def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path
     md = (out / "tiny.md").read_text()
     assert "## Seed spread" in md and "| moe | 2 |" in md
     assert "Mean over seeds (UltraMemV2 2, MoE 2)" in md
+    assert "**The held-out loss claim**: UltraMemV2 minus MoE" in md and "| held-out loss |" in md
     with pytest.raises(ValueError, match="seeded"):
         StudyConfig(archs=("moe",), ablations=(), seeded=("dense",))
     with pytest.raises(ValueError, match="seeds"):
@@ -115,6 +116,21 @@ def test_report_calls_a_winner_only_outside_the_seed_range():
     assert _compare([10.0, 12.0], [13.0, 15.0], lower=False) == "MoE"
     assert _compare([2.60], [2.61], lower=True) == "UltraMemV2"  # one seed: the means decide
     assert _compare([0.0, 0.0, 0.0], [0.0, 0.0], lower=False) == "tie"
+
+
+def test_the_loss_claim_sets_the_difference_against_the_seed_spread():
+    from ultramem.eval.report import loss_claim
+
+    apart = loss_claim([3.90, 3.91, 3.92], [3.95, 3.96, 3.97])
+    assert "-0.0500 nats/token (mean over 3 and 3 seeds)" in apart
+    assert "spread (max - min) UltraMemV2 0.0200, MoE 0.0200" in apart
+    assert "a gap of 0.0300" in apart and "**UltraMemV2 is better**, by 0.0500" in apart
+    assert "2.5x the larger spread" in apart
+    assert "**MoE is better**" in loss_claim([3.99, 4.00], [3.90, 3.95])
+    noise = loss_claim([3.90, 3.94], [3.92, 3.93])
+    assert "**within seed noise**" in noise and "|difference| < 0.0300" in noise
+    one = loss_claim([3.90], [3.92, 3.93])
+    assert "no seed spread" in one and "better" not in one
 
 
 def test_ablation_configs_change_one_thing():

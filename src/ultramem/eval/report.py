@@ -41,7 +41,8 @@ def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _metric_rows(runs: list[dict[str, Any]],
                  tasks: list[str]) -> dict[str, tuple[list[float], bool]]:
     """metric -> (value of each run, lower is better), for the UltraMemV2 vs MoE table."""
-    out = {"held-out bpb": ([r["text"]["bits_per_byte"] for r in runs], True)}
+    out = {"held-out loss": ([r["text"]["loss"] for r in runs], True),
+           "held-out bpb": ([r["text"]["bits_per_byte"] for r in runs], True)}
     for t in tasks:
         out[t] = ([100 * r["tasks"][t]["accuracy"] for r in runs], False)
     for t in tasks:
@@ -65,6 +66,32 @@ def _compare(u: list[float], m: list[float], lower: bool,
     if len(u) > 1 and len(m) > 1 and min(u) <= max(m) and min(m) <= max(u):
         return "within seed noise"
     return _winner(sum(u) / len(u), sum(m) / len(m), lower, names)
+
+
+def loss_claim(u: list[float], m: list[float]) -> str:
+    """The held-out loss claim, UltraMemV2 (u) against MoE (m), one value per seed: the mean
+    difference set against the seed spreads, in plain words.
+
+    Separated when the two seed ranges do not overlap; otherwise within seed noise, with the
+    largest difference any UltraMemV2 seed shows against any MoE seed as the bound. One seed on
+    either side measures no spread, and the claim says so."""
+    d = sum(u) / len(u) - sum(m) / len(m)
+    su, sm = max(u) - min(u), max(m) - min(m)
+    said = (f"UltraMemV2 minus MoE, {d:+.4f} nats/token (mean over "
+            f"{len(u)} and {len(m)} seeds)")
+    if len(u) < 2 or len(m) < 2:
+        return (f"{said}; one seed on a side measures no seed spread, so this difference is not "
+                "yet judged against noise.")
+    said += f"; seed spread (max - min) UltraMemV2 {su:.4f}, MoE {sm:.4f}"
+    if min(u) > max(m) or min(m) > max(u):
+        better = "UltraMemV2" if d < 0 else "MoE"
+        gap = max(min(u) - max(m), min(m) - max(u))
+        return (f"{said}. The seed ranges do not overlap (a gap of {gap:.4f}): **{better} is "
+                f"better**, by {abs(d):.4f} nats/token, {abs(d) / max(su, sm, 1e-12):.1f}x the "
+                "larger spread.")
+    bound = max(abs(max(u) - min(m)), abs(min(u) - max(m)))
+    return (f"{said}. The seed ranges overlap: **within seed noise**; |difference| < {bound:.4f} "
+            "nats/token (the largest gap between any UltraMemV2 seed and any MoE seed).")
 
 
 def markdown(study: dict[str, Any]) -> str:
@@ -128,8 +155,12 @@ def _loss(study: dict[str, Any], tasks: list[str]) -> list[str]:
     """Train, validation and held-out loss of every run."""
     runs = study["runs"]
     lines: list[str] = []
-    lines += ["## Loss", "", "Held-out text: standard-library docstrings of modules never trained "
-              "on (`ultramem.tasks.text`). Validation: the 5% of the training mix held out.", ""]
+    corpus = study["config"].get("corpus")
+    held = (f"the `{corpus}` corpus's held-out split, which no run trains on "
+            "(`ultramem.data.corpus`)" if corpus else
+            "standard-library docstrings of modules never trained on (`ultramem.tasks.text`)")
+    lines += ["## Loss", "", f"Held-out text: {held}; held-out loss in nats per token. "
+              "Validation: the 5% of the training mix held out.", ""]
     rows = []
     for r in runs:
         val = r.get("val_loss")
@@ -207,12 +238,15 @@ def _seed_spread(seeded: dict[str, list[dict[str, Any]]], tasks: list[str]) -> l
         rows = []
         for name, rs in spread.items():
             bpb = [r["text"]["bits_per_byte"] for r in rs]
+            loss = [r["text"]["loss"] for r in rs]
             acc = [100 * _long_context_accuracy(r, tasks) for r in rs]
             facts = [str(r["tasks"]["facts"]["recalled"]) for r in rs if "facts" in r["tasks"]]
-            rows.append([name, str(len(rs)), " / ".join(f"{b:.3f}" for b in bpb),
+            rows.append([name, str(len(rs)), " / ".join(f"{x:.4f}" for x in loss),
+                         f"{max(loss) - min(loss):.4f}", " / ".join(f"{b:.3f}" for b in bpb),
                          f"{max(bpb) - min(bpb):.3f}", " / ".join(f"{a:.1f}" for a in acc),
                          f"{max(acc) - min(acc):.1f}", " / ".join(facts) or "-"])
-        lines += _table(["run", "seeds", "held-out bpb", "spread", "mean task acc (%)",
+        lines += _table(["run", "seeds", "held-out loss", "spread", "held-out bpb", "spread",
+                         "mean task acc (%)",
                          "spread", "facts recalled"], rows)
     return lines
 
@@ -225,7 +259,7 @@ def _versus_moe(seeded: dict[str, list[dict[str, Any]]], tasks: list[str]) -> li
         seeds = len(us) > 1 or len(ms) > 1
         lines += ["## UltraMemV2 vs MoE", "", "Ours at this scale next to the paper's Table 2 "
                   "(32K context, proprietary suite, 'paper' columns). Task rows: accuracy (%); "
-                  "bpb and answer-loss rows: lower is better."
+                  "held-out loss (nats/token), bpb and answer-loss rows: lower is better."
                   + (f" Mean over seeds (UltraMemV2 {len(us)}, MoE {len(ms)}), range in "
                      "brackets; a side is called better only when the two seed ranges do not "
                      "overlap." if seeds else ""), ""]
@@ -233,13 +267,15 @@ def _versus_moe(seeded: dict[str, list[dict[str, Any]]], tasks: list[str]) -> li
         u_rows, m_rows = _metric_rows(us, tasks), _metric_rows(ms, tasks)
         for metric, (u_vals, lower) in u_rows.items():
             m_vals = m_rows[metric][0]
-            digits = 1 if metric in tasks else 3
+            digits = 1 if metric in tasks else 4 if metric == "held-out loss" else 3
             pu, pm = PAPER_TABLE2.get(metric, (None, None))
             rows.append([metric, _fmt(u_vals, digits), _fmt(m_vals, digits),
                          _compare(u_vals, m_vals, lower),
                          "-" if pu is None else f"{pu}", "-" if pm is None else f"{pm}"])
         lines += _table(["metric", "UltraMemV2", "MoE", "better", "paper UMv2", "paper MoE"],
                         rows)
+        loss_u, loss_m = u_rows["held-out loss"][0], m_rows["held-out loss"][0]
+        lines += [f"**The held-out loss claim**: {loss_claim(loss_u, loss_m)}", ""]
         wins = [r[0] for r in rows if r[3] == "UltraMemV2"]
         losses = [r[0] for r in rows if r[3] == "MoE"]
         ties = [r[0] for r in rows if r[3] == "tie"]
