@@ -167,6 +167,51 @@ def test_run_capacity_writes_the_report(tmp_path, one_thread):
     assert "runs trained 1 run(s) at a time with 1 thread(s) each." in md and "3 run(s)" not in md
 
 
+@pytest.mark.parametrize("arch", ["ultramem_v2", "moe"])
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, one_thread,
+                                                                       monkeypatch, arch):
+    """Killed after its epoch-8 checkpoint, the run resumes there (model, both optimizers, the
+    fact order) and ends with the same bits, curve and losses as a run never stopped."""
+    import ultramem.eval.capacity as capacity
+    from ultramem.train import checkpoint as ckpt
+
+    cfg = _tiny(tmp_path, epochs=16, measure_every=8, value_lr_scale=4.0)
+    whole = train_capacity(cfg, arch, 2.0, tmp_path / "whole", lambda m: None)
+    real_measure, calls = capacity.measure, []
+
+    def dies_at_the_second_measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(capacity, "measure", dies_at_the_second_measure)
+    run = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_capacity(cfg, arch, 2.0, run, lambda m: None)
+    assert not (run / "result.json").exists()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000008"]
+    assert ckpt.load_model(run / "checkpoints" / "step_00000008") is not None  # a real checkpoint
+    monkeypatch.setattr(capacity, "measure", real_measure)
+    logs: list[str] = []
+    resumed = train_capacity(cfg, arch, 2.0, run, logs.append)
+    assert any("resuming from epoch 8" in m for m in logs)
+    assert resumed["bits"] == whole["bits"] and resumed["recalled"] == whole["recalled"]
+    strip = [{k: v for k, v in c.items() if k != "seconds"} for c in whole["curve"]]
+    assert [{k: v for k, v in c.items() if k != "seconds"} for c in resumed["curve"]] == strip
+    assert not (run / "checkpoints").exists()  # finished: result.json is the record
+    # A checkpoint of other settings is never resumed: the run starts over.
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(capacity, "measure", dies_at_the_second_measure)
+        calls.clear()
+        train_capacity(cfg, arch, 2.0, tmp_path / "other", lambda m: None)
+    monkeypatch.setattr(capacity, "measure", real_measure)
+    logs.clear()
+    train_capacity(_tiny(tmp_path, epochs=16, measure_every=8, lr=5e-3), arch, 2.0,
+                   tmp_path / "other", logs.append)
+    assert not any("resuming" in m for m in logs)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from ultramem.cli import main
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -343,13 +344,18 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
     dense_params, table_params = groups["decay"] + groups["no_decay"], groups["values"]
     order = torch.Generator().manual_seed(cfg.seed + 1)
     x_all, v_all = facts[:, :-1], facts[:, -1]
-    curve: list[dict[str, Any]] = []
     name = run_name(arch, multiple)
     log(f"[capacity] {name}: total {counts['total']:,} active {counts['active']:,} params, "
         f"{len(facts):,} facts x {cfg.epochs} epochs ({total_steps:,} steps, {prec})")
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    progress = {"model": runtime_cfg.to_dict(), "capacity": {"arch": arch, "multiple": multiple,
+                                                             "settings": cfg.settings(arch)}}
+    ckpt_root = run_dir / "checkpoints"
+    done_epochs, step, curve, wall_before, cpu_before = _resume(ckpt_root, progress, model, opts,
+                                                                order)
+    if done_epochs:
+        log(f"[capacity] {name}: resuming from epoch {done_epochs} ({ckpt_root})")
+    t0, cpu0 = time.perf_counter() - wall_before, time.process_time() - cpu_before
+    for epoch in range(done_epochs + 1, cfg.epochs + 1):
         perm = torch.randperm(len(facts), generator=order)
         loss_sum = 0.0
         for start in range(0, len(facts), cfg.batch_size):
@@ -375,6 +381,9 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
                           "seconds": time.perf_counter() - t0})
             log(f"[capacity] {name} epoch {epoch}: {s.bits / 1000:.1f} kbit, "
                 f"{s.recalled / len(facts):.1%} recalled, {time.perf_counter() - t0:.0f}s")
+            if epoch < cfg.epochs:  # a run killed later resumes here (the end writes result.json)
+                _save_progress(ckpt_root, epoch, step, curve, progress, model, opts, order,
+                               time.perf_counter() - t0, time.process_time() - cpu0)
     if not math.isfinite(curve[-1]["value_loss"]):
         raise RuntimeError(f"{name}: training diverged (value loss {curve[-1]['value_loss']})")
     final = curve[-1]
@@ -390,7 +399,51 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_path, json.dumps(row, indent=1))
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # result.json is the run's record now
     return row
+
+
+def _save_progress(root: Path, epoch: int, step: int, curve: list[dict[str, Any]],
+                   progress: dict[str, Any], model, opts: dict, order, wall: float,
+                   cpu: float) -> None:
+    """A checkpoint after `epoch` (an ordinary ultramem checkpoint: `load_model` reads it) with
+    everything the rest of the run depends on: optimizer states, the fact order's generator,
+    the curve so far and the time spent."""
+    import torch
+
+    from ultramem.train import checkpoint as ckpt
+
+    ckpt.save_checkpoint(root, epoch, model=model, config=progress,
+                         optimizer_state={k: o.state_dict() for k, o in opts.items()},
+                         trainer_state={"epoch": epoch, "optimizer_steps": step, "curve": curve,
+                                        "wall_seconds": wall, "cpu_seconds": cpu},
+                         rng_state={"order": order.get_state(), "torch": torch.get_rng_state()},
+                         keep_last=1)
+
+
+def _resume(root: Path, progress: dict[str, Any], model, opts: dict, order,
+            ) -> tuple[int, int, list[dict[str, Any]], float, float]:
+    """(epochs done, optimizer steps, curve, wall s, CPU s) from the newest good checkpoint under
+    root written by a run with these settings, its state loaded into model, opts and order;
+    (0, 0, [], 0, 0) when there is none. Checkpoints of other settings are removed, so they
+    never mix with this run's."""
+    import torch
+    from safetensors.torch import load_model
+
+    from ultramem.train import checkpoint as ckpt
+
+    found, _ = ckpt.latest_good_checkpoint(root)
+    if found is None or ckpt.read_config(found).get("capacity") != progress["capacity"]:
+        shutil.rmtree(root, ignore_errors=True)
+        return 0, 0, [], 0.0, 0.0
+    load_model(model, str(found / "model.safetensors"), strict=True)
+    state = ckpt.load_training_state(found)
+    for k, o in opts.items():
+        o.load_state_dict(state["optimizer"][k])
+    order.set_state(state["rng"]["order"])
+    torch.set_rng_state(state["rng"]["torch"])
+    t = state["trainer"]
+    return t["epoch"], t["optimizer_steps"], t["curve"], t["wall_seconds"], t["cpu_seconds"]
 
 
 def _run_one(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Path) -> dict[str, Any]:
