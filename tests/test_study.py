@@ -133,6 +133,13 @@ def test_the_loss_claim_sets_the_difference_against_the_seed_spread():
     assert "no seed spread" in one and "better" not in one
 
 
+def test_moving_mean_of_the_loss_plot():
+    from ultramem.eval.report import moving_mean
+
+    assert moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_mean([1.0, 3.0], 1) == [1.0, 3.0]
+
+
 def test_ablation_configs_change_one_thing():
     runs = run_configs(StudyConfig(family="small", archs=("ultramem_v2",)))
     base = runs["ultramem_v2"].memory

@@ -386,6 +386,20 @@ def _winner(a: float, b: float, lower: bool = False,
     return names[0] if (a < b) == lower else names[1]
 
 
+SMOOTH_POINTS = 50  # the training-loss plot averages about len(log) / this logged steps
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The trailing mean of values over `window` entries (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     """Loss curves of every run and per-task accuracy bars; [] without matplotlib."""
     try:
@@ -404,23 +418,49 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
     color = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     loss_png, task_png = out / f"{family}_loss.png", out / f"{family}_tasks.png"
-    # Left: the loss of each logged training batch; right: the held-out validation loss.
-    fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    logs = {r["name"]: read_metrics(run_dir(work, r["name"])) for r in runs}
+    losses = {name: {m["step"]: m["loss"] for m in logged if "loss" in m and not m.get("skipped")}
+              for name, logged in logs.items()}
+    # Each run against the MoE of its seed, which trained on the very same batches: the paired
+    # difference removes the batch-to-batch swings both curves share.
+    pairs = {r["name"]: moe for r in runs if base_name(r["name"]) != "moe" and losses[r["name"]]
+             and losses.get(moe := "moe" + r["name"][len(base_name(r["name"])):])}
+    # Left: the loss of each logged training batch; middle: the held-out validation loss;
+    # right (when there is an MoE run): the paired difference.
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(18 if pairs else 12, 4.5))
+    ax, ax_val = axes[0], axes[1]
+    windows: set[int] = set()
     for r in runs:
-        logged = read_metrics(run_dir(work, r["name"]))
+        logged = logs[r["name"]]
         style = {"color": color[base_name(r["name"])],
                  "linestyle": ":" if "@" in r["name"] else "--" if "+" in r["name"] else "-"}
         rows = [m for m in logged if "loss" in m and not m.get("skipped")]
         if rows:
-            ax.plot([m["step"] for m in rows], [m["loss"] for m in rows], label=r["name"],
-                    **style)
+            window = max(1, len(rows) // SMOOTH_POINTS)
+            windows.add(window)
+            ax.plot([m["step"] for m in rows], moving_mean([m["loss"] for m in rows], window),
+                    label=r["name"], **style)
         val = [m for m in logged if "eval_loss" in m]
         if val:
             ax_val.plot([m["step"] for m in val], [m["eval_loss"] for m in val], marker=".",
                         label=r["name"], **style)
+        if r["name"] in pairs:
+            mine, theirs = losses[r["name"]], losses[pairs[r["name"]]]
+            steps = sorted(set(mine) & set(theirs))
+            window = max(1, len(steps) // SMOOTH_POINTS)
+            axes[2].plot(steps, moving_mean([mine[k] - theirs[k] for k in steps], window),
+                         label=f"{r['name']} - {pairs[r['name']]}", **style)
+    if pairs:
+        axes[2].axhline(0.0, color="grey", linewidth=0.8)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("train loss difference (nats/token)")
+        axes[2].set_title("minus the MoE of the same seed (same batches)", fontsize=10)
+        axes[2].legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
-    ax.set_title(f"{family} family: training loss")
+    ax.set_title(f"{family} family: training loss" + (
+        f" (trailing mean of {'/'.join(map(str, sorted(windows)))} logged steps)"
+        if windows - {1} else ""), fontsize=10)
     ax_val.set_xlabel("step")
     ax_val.set_ylabel("validation loss (nats/token)")
     ax_val.set_title("validation loss")
