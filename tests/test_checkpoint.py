@@ -79,6 +79,27 @@ def test_training_state_loads_weights_only(tmp_path):
     assert isinstance(state["rng"]["torch"], torch.Tensor)
 
 
+def test_ckpt_minutes_checkpoints_at_logged_steps_once_the_time_is_up(tmp_path, monkeypatch):
+    """ckpt_minutes: a checkpoint at the first logged step that many minutes after the last,
+    besides ckpt_every's and the final one; 0 (the default) adds none."""
+    import ultramem.train.trainer as trainer_mod
+
+    clock = iter(range(0, 10**6, 30))  # every reading of the clock is 30 s after the last
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: float(next(clock)))
+    cfg = quick_train_cfg(steps=7, log_every=2, keep_last=10)
+    Trainer(small_cfg(), cfg.replace(ckpt_minutes=1.5), tmp_path / "timed",
+            show_progress=False).fit()
+    steps = [int(p.name.split("_")[1]) for p in ckpt.list_checkpoints(tmp_path / "timed" /
+                                                                        "checkpoints")]
+    assert steps[-1] == 7 and steps[:-1] and all(s % 2 == 0 for s in steps[:-1])
+    assert steps[:-1] != [2, 4, 6]  # not at every logged step: only once 90 s have passed
+    Trainer(small_cfg(), cfg, tmp_path / "plain", show_progress=False).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "plain" / "checkpoints")] == [
+        "step_00000007"]
+    with pytest.raises(ValueError, match="ckpt_minutes"):
+        quick_train_cfg(ckpt_minutes=-1)
+
+
 def test_incomplete_and_temporary_directories_are_ignored(tmp_path):
     model = LM(small_cfg(), seed=0)
     root = tmp_path / "checkpoints"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,11 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
                   f"{', '.join(study['not_run'])}.", ""]
     run_hours = sum(r.get("train_seconds_logged", r.get("train_seconds", 0.0))
                     + r.get("seconds", 0.0) for r in runs) / 3600
+    trained = Counter(f"`{r['commit']}`" if r.get("commit") else "not recorded" for r in runs)
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
               f"{study['threads']} CPU thread(s)",
+              "- runs trained (finished) at commit: " + ", ".join(
+                  f"{c} ({n} run{'s' if n > 1 else ''})" for c, n in trained.items()),
               f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq_len "
               f"{cfg['seq_len'] or 'max_seq_len'}, lr {cfg['lr']}, seed {cfg['seed']}; data: "
               f"{study['data']['train_tokens']:,} train tokens ({study['data']['tokenizer']}, "

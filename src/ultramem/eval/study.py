@@ -245,6 +245,11 @@ def logged_train_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> fl
     return total
 
 
+# A study run also checkpoints this often (besides every 5% of its steps): a session's end or a
+# kill loses at most this much of each run. Not a setting: it changes no result.
+CKPT_MINUTES = 10.0
+
+
 def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir: Path,
                    run_dir: Path, log=print, seed: int | None = None) -> dict[str, Any]:
     """Train one run (or reuse a finished one) and evaluate it; returns its row.
@@ -270,7 +275,7 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
         warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
         eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)),
         ckpt_every=max(cfg.steps // (4 if cfg.corpus is None else 20), 1), keep_last=1,
-        seed=seed, tensorboard=False, plot=False,
+        ckpt_minutes=CKPT_MINUTES, seed=seed, tensorboard=False, plot=False,
     )
     marker = run_dir / "study.json"
     resume = (marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
@@ -306,7 +311,7 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text=heldout_text(cfg),
                                  text_chars=cfg.text_chars)
-    row = {"name": name, "settings": settings, "train_seconds": train_s,
+    row = {"name": name, "settings": settings, "commit": git_commit(), "train_seconds": train_s,
            "train_seconds_logged": logged_s,
            "seconds_per_step": per_step, "resumed_from_step": start,
            "final_loss": final_loss, "val_loss": val_loss, **result}

@@ -84,6 +84,9 @@ class TrainConfig:
     eval_batches: int = 8  # batches per evaluation
     log_every: int = 10  # steps between metrics.jsonl rows
     ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
+    # Also checkpoint at the first logged step this many minutes after the last checkpoint
+    # (0 = off): bounds the work a kill or a session's end loses, whatever a step costs.
+    ckpt_minutes: float = 0.0
     keep_last: int = 3  # checkpoints kept
     max_bad_steps: int = 5  # non-finite steps in a row that stop the run
     seed: int = 0  # seeds the model init and the batch order
@@ -106,6 +109,7 @@ class TrainConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 0, name, f"must be an integer >= 0, got {v!r}")
         _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.ckpt_minutes >= 0, "ckpt_minutes", "must be >= 0 (0 = off)")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
         _require(0 < self.decay_frac <= 1, "decay_frac", "must lie in (0, 1]")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must lie in [0, 1)")

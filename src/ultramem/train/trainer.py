@@ -293,6 +293,7 @@ class Trainer:
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc="train", disable=not self.show_progress, mininterval=1.0)
         t_last, tokens_since = time.perf_counter(), 0
+        t_ckpt = t_last
         last_loss, eval_loss, last_tok_s = float("nan"), None, 0.0
         self.model.train()
         try:
@@ -327,8 +328,14 @@ class Trainer:
                 if _finite(row["loss"]):
                     last_loss = row["loss"]
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{last_tok_s:,.0f}")
-                if cfg.ckpt_every and done % cfg.ckpt_every == 0 or done == cfg.steps:
+                due = cfg.ckpt_every and done % cfg.ckpt_every == 0 or done == cfg.steps
+                if not due and cfg.ckpt_minutes and done % cfg.log_every == 0:
+                    # Every rank saves at the same step: one whose clock says so is enough.
+                    late = time.perf_counter() - t_ckpt >= 60 * cfg.ckpt_minutes
+                    due = float(self.dist.mean(torch.tensor(float(late)))) > 0
+                if due:
                     self.save(done)
+                    t_ckpt = time.perf_counter()
         finally:
             bar.close()
             self.train_batches.close()
