@@ -103,6 +103,7 @@ def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path
     assert "Mean over seeds (UltraMemV2 2, MoE 2)" in md
     assert "**The held-out loss claim**: UltraMemV2 minus MoE" in md and "| held-out loss |" in md
     assert runs["moe@seed1"]["commit"] and "- runs trained (finished) at commit: `" in md
+    assert runs["moe@seed1"]["threads"] == 1 and "CPU-hours (each run's hours x its threads)" in md
     with pytest.raises(ValueError, match="seeded"):
         StudyConfig(archs=("moe",), ablations=(), seeded=("dense",))
     with pytest.raises(ValueError, match="seeds"):

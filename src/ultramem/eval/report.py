@@ -136,11 +136,17 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
         lines += [f"**Partial report**: {len(runs)} of {len(runs) + len(study['not_run'])} "
                   f"runs of the plan have finished. Not finished yet: "
                   f"{', '.join(study['not_run'])}.", ""]
-    run_hours = sum(r.get("train_seconds_logged", r.get("train_seconds", 0.0))
-                    + r.get("seconds", 0.0) for r in runs) / 3600
+    hours = {r["name"]: (r.get("train_seconds_logged", r.get("train_seconds", 0.0))
+                         + r.get("seconds", 0.0)) / 3600 for r in runs}
+    run_hours = sum(hours.values())
+    known = [r for r in runs if r.get("threads")]
+    cpu = (f"; CPU: at most {sum(hours[r['name']] * r['threads'] for r in known):.1f} "
+           f"CPU-hours (each run's hours x its threads)"
+           + (f", thread count not recorded for {len(runs) - len(known)} run(s)"
+              if len(known) < len(runs) else "") if known else "")
     trained = Counter(f"`{r['commit']}`" if r.get("commit") else "not recorded" for r in runs)
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
-              f"{study['threads']} CPU thread(s)",
+              f"{study['threads']} CPU thread(s) in this command",
               "- runs trained (finished) at commit: " + ", ".join(
                   f"{c} ({n} run{'s' if n > 1 else ''})" for c, n in trained.items()),
               f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq_len "
@@ -150,7 +156,7 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
               f"- wall time {study['wall_seconds'] / 60:.1f} min for this command; the runs' own "
               f"training and evaluation: {run_hours:.1f} h (training summed from each run's "
               f"log over all the processes it took; a run with a matching eval.json is reused, "
-              f"not retrained); task examples per task: {cfg['n_examples']} (task size "
+              f"not retrained){cpu}; task examples per task: {cfg['n_examples']} (task size "
               f"`{cfg['task_size'] or cfg['family']}`)", ""]
     return lines
 

@@ -311,7 +311,10 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text=heldout_text(cfg),
                                  text_chars=cfg.text_chars)
-    row = {"name": name, "settings": settings, "commit": git_commit(), "train_seconds": train_s,
+    import torch
+
+    row = {"name": name, "settings": settings, "commit": git_commit(),
+           "threads": torch.get_num_threads(), "jobs": cfg.jobs, "train_seconds": train_s,
            "train_seconds_logged": logged_s,
            "seconds_per_step": per_step, "resumed_from_step": start,
            "final_loss": final_loss, "val_loss": val_loss, **result}
