@@ -140,6 +140,11 @@ def test_moving_mean_of_the_loss_plot():
 
     assert moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_mean([1.0, 3.0], 1) == [1.0, 3.0]
+    from ultramem.eval.report import _same_seed_moe
+
+    assert _same_seed_moe("ultramem_v2@seed1") == "moe@seed1"
+    assert _same_seed_moe("ultramem_v2+fixed_init@seed2") == "moe@seed2"
+    assert _same_seed_moe("dense") == "moe"
 
 
 def test_ablation_configs_change_one_thing():

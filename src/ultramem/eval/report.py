@@ -410,6 +410,11 @@ def moving_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _same_seed_moe(name: str) -> str:
+    """The MoE run trained with run `name`'s seed ('ultramem_v2@seed1' -> 'moe@seed1')."""
+    return "moe" + name[len(base_name(name)):]
+
+
 def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     """Loss curves of every run and per-task accuracy bars; [] without matplotlib."""
     try:
@@ -433,8 +438,9 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
               for name, logged in logs.items()}
     # Each run against the MoE of its seed, which trained on the very same batches: the paired
     # difference removes the batch-to-batch swings both curves share.
-    pairs = {r["name"]: moe for r in runs if base_name(r["name"]) != "moe" and losses[r["name"]]
-             and losses.get(moe := "moe" + r["name"][len(base_name(r["name"])):])}
+    pairs = {r["name"]: _same_seed_moe(r["name"]) for r in runs
+             if base_name(r["name"]) != "moe" and losses[r["name"]]
+             and losses.get(_same_seed_moe(r["name"]))}
     # Left: the loss of each logged training batch; middle: the held-out validation loss;
     # right (when there is an MoE run): the paired difference.
     fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(18 if pairs else 12, 4.5))
