@@ -50,8 +50,9 @@ def _concurrency(cfg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     if not cfg.get("report_only"):
         return f"{cfg['jobs']} run(s) at a time with {cfg['threads']} thread(s) each."
     kinds = sorted({(r.get("jobs"), r["threads"]) for r in runs}, key=str)
-    said = "; ".join(f"{j if j is not None else 'an unrecorded number of'} run(s) at a time "
-                     f"with {t} thread(s) each" for j, t in kinds)
+    said = "; ".join(f"{j} run(s) at a time with {t} thread(s) each" if j is not None else
+                     f"with {t} thread(s) each (how many at a time is not recorded)"
+                     for j, t in kinds)
     return f"runs trained {said}." if runs else "no runs."
 
 
