@@ -131,6 +131,8 @@ def test_the_loss_claim_sets_the_difference_against_the_seed_spread():
     assert "**MoE is better**" in loss_claim([3.99, 4.00], [3.90, 3.95])
     noise = loss_claim([3.90, 3.94], [3.92, 3.93])
     assert "**within seed noise**" in noise and "|difference| < 0.0300" in noise
+    named = loss_claim([3.90, 3.91], [3.95, 3.96], names=("`ultramem_v2+both_ends`", "MoE"))
+    assert named.startswith("`ultramem_v2+both_ends` minus MoE") and "**`ultramem_v2+" in named
     one = loss_claim([3.90], [3.92, 3.93])
     assert "no seed spread" in one and "better" not in one
 

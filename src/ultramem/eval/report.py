@@ -69,30 +69,31 @@ def _compare(u: list[float], m: list[float], lower: bool,
     return _winner(sum(u) / len(u), sum(m) / len(m), lower, names)
 
 
-def loss_claim(u: list[float], m: list[float]) -> str:
-    """The held-out loss claim, UltraMemV2 (u) against MoE (m), one value per seed: the mean
+def loss_claim(u: list[float], m: list[float],
+               names: tuple[str, str] = ("UltraMemV2", "MoE")) -> str:
+    """The held-out loss claim, names[0] (u) against names[1] (m), one value per seed: the mean
     difference set against the seed spreads, in plain words.
 
     Separated when the two seed ranges do not overlap; otherwise within seed noise, with the
-    largest difference any UltraMemV2 seed shows against any MoE seed as the bound. One seed on
-    either side measures no spread, and the claim says so."""
+    largest difference any seed of one shows against any seed of the other as the bound. One
+    seed on either side measures no spread, and the claim says so."""
+    a, b = names
     d = sum(u) / len(u) - sum(m) / len(m)
     su, sm = max(u) - min(u), max(m) - min(m)
-    said = (f"UltraMemV2 minus MoE, {d:+.4f} nats/token (mean over "
-            f"{len(u)} and {len(m)} seeds)")
+    said = f"{a} minus {b}, {d:+.4f} nats/token (mean over {len(u)} and {len(m)} seeds)"
     if len(u) < 2 or len(m) < 2:
         return (f"{said}; one seed on a side measures no seed spread, so this difference is not "
                 "yet judged against noise.")
-    said += f"; seed spread (max - min) UltraMemV2 {su:.4f}, MoE {sm:.4f}"
+    said += f"; seed spread (max - min) {a} {su:.4f}, {b} {sm:.4f}"
     if min(u) > max(m) or min(m) > max(u):
-        better = "UltraMemV2" if d < 0 else "MoE"
+        better = a if d < 0 else b
         gap = max(min(u) - max(m), min(m) - max(u))
         return (f"{said}. The seed ranges do not overlap (a gap of {gap:.4f}): **{better} is "
                 f"better**, by {abs(d):.4f} nats/token, {abs(d) / max(su, sm, 1e-12):.1f}x the "
                 "larger spread.")
     bound = max(abs(max(u) - min(m)), abs(min(u) - max(m)))
     return (f"{said}. The seed ranges overlap: **within seed noise**; |difference| < {bound:.4f} "
-            "nats/token (the largest gap between any UltraMemV2 seed and any MoE seed).")
+            f"nats/token (the largest gap between any {a} seed and any {b} seed).")
 
 
 def markdown(study: dict[str, Any]) -> str:
@@ -286,6 +287,10 @@ def _versus_moe(seeded: dict[str, list[dict[str, Any]]], tasks: list[str]) -> li
                         rows)
         loss_u, loss_m = u_rows["held-out loss"][0], m_rows["held-out loss"][0]
         lines += [f"**The held-out loss claim**: {loss_claim(loss_u, loss_m)}", ""]
+        ablations = [f"- {loss_claim([r['text']['loss'] for r in rs], loss_m, (f'`{n}`', 'MoE'))}"
+                     for n, rs in seeded.items() if n.startswith("ultramem_v2+") and len(rs) > 1]
+        if ablations:  # UltraMemV2 ablations repeated over seeds, against the MoE too
+            lines += ablations + [""]
         wins = [r[0] for r in rows if r[3] == "UltraMemV2"]
         losses = [r[0] for r in rows if r[3] == "MoE"]
         ties = [r[0] for r in rows if r[3] == "tie"]
