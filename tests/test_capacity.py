@@ -199,7 +199,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     assert resumed["bits"] == whole["bits"] and resumed["recalled"] == whole["recalled"]
     strip = [{k: v for k, v in c.items() if k != "seconds"} for c in whole["curve"]]
     assert [{k: v for k, v in c.items() if k != "seconds"} for c in resumed["curve"]] == strip
-    assert not (run / "checkpoints").exists()  # finished: result.json is the record
+    # Finished: the trained model stays, in place of the mid-run checkpoint.
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000016"]
+    assert ckpt.load_model(run).cfg.memory == ckpt.load_model(tmp_path / "whole").cfg.memory
     # A checkpoint of other settings is never resumed: the run starts over.
     with pytest.raises(KeyboardInterrupt):
         monkeypatch.setattr(capacity, "measure", dies_at_the_second_measure)
@@ -210,6 +212,20 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     train_capacity(_tiny(tmp_path, epochs=16, measure_every=8, lr=5e-3), arch, 2.0,
                    tmp_path / "other", logs.append)
     assert not any("resuming" in m for m in logs)
+
+
+def test_both_ends_variant_is_ultramem_v2_with_another_preselection(tmp_path):
+    from ultramem.eval.capacity import CAPACITY_VARIANTS
+
+    cfg = _tiny(tmp_path, archs=("ultramem_v2+both_ends_equal",))
+    assert cfg.archs[0] in CAPACITY_VARIANTS and cfg.archs[0] not in CAPACITY_ARCHS
+    base = matched_config("ultramem_v2", 2.0, cfg, cfg.world)
+    both = matched_config("ultramem_v2+both_ends_equal", 2.0, cfg, cfg.world)
+    assert accounting.count_params(both) == accounting.count_params(base)
+    assert both.memory.preselect == "both_ends" and base.memory.preselect == "rank1"
+    kr = base.memory.preselect_k
+    assert both.memory.preselect_k == max(1, round(kr / math.sqrt(2)))
+    assert both.replace(memory={"preselect": "rank1", "rowcol_topk": None}) == base
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -231,6 +231,12 @@ class UltraMemV2Config:
         """Rows of one stored table: N, or N / share_group under S_g-Ring sharing."""
         return self.n_values // self.share_group
 
+    def both_ends_equal(self) -> dict[str, Any]:
+        """The change to both-ends pre-selection at about this config's candidate count:
+        kr / sqrt(2) rows and columns from each end, 2 (kr / sqrt 2)^2 ~ kr^2 candidates."""
+        return {"preselect": "both_ends",
+                "rowcol_topk": max(1, round(self.preselect_k / math.sqrt(2)))}
+
 
 @dataclass(frozen=True)
 class MoEConfig:

@@ -34,12 +34,19 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ultramem.cli import add_threads_argument
-    from ultramem.eval.capacity import CAPACITY_ARCHS, CapacityConfig, WorldConfig
+    from ultramem.eval.capacity import (
+        CAPACITY_ARCHS,
+        CAPACITY_VARIANTS,
+        CapacityConfig,
+        WorldConfig,
+    )
 
     d, w = CapacityConfig(), WorldConfig()
     p = sub.add_parser("capacity", help="knowledge capacity: bits of facts stored per parameter",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default="all", help=f"comma list of {list(CAPACITY_ARCHS)} or all")
+    p.add_argument("--archs", default="all",
+                   help=f"comma list of {list(CAPACITY_ARCHS)} or all (those), and the variants "
+                        f"{list(CAPACITY_VARIANTS)}")
     p.add_argument("--multiples", default=",".join(f"{m:g}" for m in d.multiples),
                    help="sparse models' totals as multiples of the dense reference's")
     p.add_argument("--dense-multiples", default=",".join(f"{m:g}" for m in d.dense_multiples),

@@ -48,6 +48,9 @@ from ultramem.config import (
 )
 
 CAPACITY_ARCHS = ("dense", "moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2")
+# Variants, named only when asked for: UltraMemV2 with both-ends pre-selection at about the
+# rank-1 candidate count (`UltraMemV2Config.both_ends_equal`), sized exactly as ultramem_v2.
+CAPACITY_VARIANTS = ("ultramem_v2+both_ends_equal",)
 # Architectures without memory value tables: --value-lr-scale does not change them.
 NO_VALUE_TABLES = ("dense", "moe")
 
@@ -159,6 +162,9 @@ def matched_config(arch: str, multiple: float, cfg: CapacityConfig,
     """
     from ultramem.accounting import count_params
 
+    if arch == "ultramem_v2+both_ends_equal":
+        base = matched_config("ultramem_v2", multiple, cfg, world)
+        return base.replace(memory=base.memory.both_ends_equal())
     ref = count_params(_backbone(cfg, world, cfg.ffn_hidden))["active"]
     target = multiple * ref
 
@@ -231,8 +237,9 @@ class CapacityConfig:
     def __post_init__(self) -> None:
         if isinstance(self.world, dict):
             self.world = WorldConfig(**self.world)
-        bad = [a for a in self.archs if a not in CAPACITY_ARCHS]
-        _require(not bad, "archs", f"unknown {bad}; known: {list(CAPACITY_ARCHS)}")
+        bad = [a for a in self.archs if a not in CAPACITY_ARCHS + CAPACITY_VARIANTS]
+        _require(not bad, "archs",
+                 f"unknown {bad}; known: {list(CAPACITY_ARCHS + CAPACITY_VARIANTS)}")
         for name in ("d_model", "n_layers", "n_heads", "ffn_hidden", "epochs", "batch_size",
                      "measure_every", "threads", "jobs"):
             v = getattr(self, name)
@@ -399,7 +406,10 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_path, json.dumps(row, indent=1))
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # result.json is the run's record now
+    # The trained model stays (`ultramem diagnose --checkpoint <run dir>` reads it), in place of
+    # the last mid-run checkpoint.
+    _save_progress(ckpt_root, cfg.epochs, step, curve, progress, model, opts, order,
+                   row["wall_seconds"], row["cpu_seconds"])
     return row
 
 
@@ -490,5 +500,6 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
     return result
 
 
-__all__ = ["CAPACITY_ARCHS", "CapacityConfig", "FactScores", "WorldConfig", "make_world",
-           "matched_config", "measure", "run_capacity", "run_name", "train_capacity"]
+__all__ = ["CAPACITY_ARCHS", "CAPACITY_VARIANTS", "CapacityConfig", "FactScores", "WorldConfig",
+           "make_world", "matched_config", "measure", "run_capacity", "run_name",
+           "train_capacity"]

@@ -129,8 +129,7 @@ def run_configs(cfg: StudyConfig) -> dict[str, ModelConfig]:
         elif name == "both_ends":
             change = {"preselect": "both_ends"}
         else:  # both_ends_equal: 2 (kr / sqrt 2)^2 ~ kr^2 candidates
-            change = {"preselect": "both_ends",
-                      "rowcol_topk": max(1, round(base.memory.preselect_k / math.sqrt(2)))}
+            change = base.memory.both_ends_equal()
         runs[f"ultramem_v2+{name}"] = base.replace(memory=change)
     return runs
 
