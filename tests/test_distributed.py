@@ -117,6 +117,25 @@ def worker(out: Path) -> None:
             train_overrides={"steps": 4, **OPTIONS["ddp"], "shard_tables": False}).fit()
     if ctx.rank == 0:
         result["cross"] = [r["loss"] for r in read_metrics(cross)]
+    # ckpt_minutes where only rank 1's clock says it is time (two minutes pass at each reading
+    # there; rank 0's one minute never passes): every rank must save at the same steps, or
+    # the collective save would hang.
+    import ultramem.train.trainer as trainer_mod
+
+    real_clock = trainer_mod.time.perf_counter
+    if ctx.rank == 1:
+        ticks = iter(range(0, 10**9, 120))
+        trainer_mod.time.perf_counter = lambda: float(next(ticks))
+    timed = out / "timed"
+    try:
+        Trainer(small_cfg(), quick(steps=3, ckpt_every=0, ckpt_minutes=1.0, keep_last=5),
+                timed, data, show_progress=False).fit()
+    finally:
+        trainer_mod.time.perf_counter = real_clock
+    if ctx.rank == 0:
+        from ultramem.train.checkpoint import list_checkpoints
+
+        result["timed"] = [p.name for p in list_checkpoints(timed / "checkpoints")]
     if ctx.rank == 0:
         (out / "result.json").write_text(json.dumps(result))
     ctx.barrier()
@@ -196,6 +215,11 @@ def test_checkpoint_resume_under_torchrun(torchrun_result, parallel):
     assert is_sharded(last) == (OPTIONS[parallel].get("ckpt_format") != "full")
     model = load_model(out / f"full_{parallel}")
     assert model.cfg == small_cfg()
+
+
+def test_ckpt_minutes_saves_on_every_rank_when_one_rank_says_so(torchrun_result):
+    _, result = torchrun_result
+    assert result["timed"] == ["step_00000001", "step_00000002", "step_00000003"]
 
 
 def test_sharded_checkpoint_layout(tmp_path, torchrun_result):
