@@ -3,6 +3,7 @@ training and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -104,6 +105,11 @@ def test_training_stores_facts_and_a_finished_run_is_reused(tmp_path, one_thread
     assert bits[-1] > bits[0] > 0 and row["bits"] == bits[-1]
     assert row["bits_per_total"] == pytest.approx(row["bits"] / row["total_params"])
     assert json.loads((tmp_path / "r" / "result.json").read_text())["bits"] == row["bits"]
+    # Its retrieval is recorded: one recall per UltraMemV2 layer, each a share.
+    ret = row["retrieval"]
+    assert len(ret["per_layer"]) == len(ret["per_layer_neg"]) == cfg.n_layers
+    assert all(0.0 <= x <= 1.0 for x in ret["per_layer"] + ret["per_layer_neg"])
+    assert ret["tokens"] == 48 * 2 * 4  # every token of every fact of this small world
     logs.clear()
     again = train_capacity(cfg, "ultramem_v2", 2.0, tmp_path / "r", logs.append)
     assert again["bits"] == row["bits"] and "reusing" in logs[0]
@@ -163,6 +169,7 @@ def test_run_capacity_writes_the_report(tmp_path, one_thread):
     assert again["not_run"] == ["pkm_x2"] and not (tmp_path / "work" / "pkm_x2").exists()
     md = (out / "capacity.md").read_text()
     assert "Not run yet (the plan's other runs): pkm_x2." in md
+    assert "Pre-selection recall" not in md  # no UltraMemV2 run
     # The header says how the runs were trained, not the reporting invocation's --jobs 3.
     assert "runs trained 1 run(s) at a time with 1 thread(s) each." in md and "3 run(s)" not in md
 
@@ -212,6 +219,27 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     train_capacity(_tiny(tmp_path, epochs=16, measure_every=8, lr=5e-3), arch, 2.0,
                    tmp_path / "other", logs.append)
     assert not any("resuming" in m for m in logs)
+
+
+def test_report_only_measures_the_retrieval_of_runs_that_predate_its_record(tmp_path,
+                                                                              one_thread):
+    from ultramem.eval.capacity import fact_retrieval, make_world
+    from ultramem.train import checkpoint as ckpt
+
+    cfg = _tiny(tmp_path, archs=("ultramem_v2+both_ends_equal",), multiples=(2.0,), epochs=2,
+                measure_every=2)
+    run_capacity(cfg, log=lambda m: None)
+    path = tmp_path / "work" / "ultramem_v2+both_ends_equal_x2" / "result.json"
+    row = json.loads(path.read_text())
+    expected = fact_retrieval(ckpt.load_model(path.parent), make_world(cfg.world))
+    assert row["retrieval"] == expected and expected["preselect_recall"] > 0.9  # both ends
+    del row["retrieval"]  # as written before the record existed
+    path.write_text(json.dumps(row))
+    report = run_capacity(dataclasses.replace(cfg, report_only=True), log=lambda m: None)
+    assert report["runs"][0]["retrieval"] == expected
+    md = (tmp_path / "out" / "capacity.md").read_text()
+    assert "Pre-selection recall of the trained UltraMemV2 layers" in md
+    assert "| ultramem_v2+both_ends_equal_x2 |" in md
 
 
 def test_both_ends_variant_is_ultramem_v2_with_another_preselection(tmp_path):

@@ -303,6 +303,35 @@ def measure(model, facts, world: WorldConfig, batch: int = 8192) -> FactScores:
     return FactScores(float(bits), recalled, float(nll_sum) / len(facts))
 
 
+def fact_retrieval(model, facts, n_facts: int = 256) -> dict[str, Any] | None:
+    """Pre-selection recall of each UltraMemV2 layer of `model` on every token of the first
+    n_facts facts (`ultramem.diagnostics.recall_by_layer`: the share of the exact top-m cells the
+    retrieval returns, and the share of them in the (-, -) quadrant); None for models without
+    UltraMemV2 layers."""
+    from ultramem.diagnostics import recall_by_layer
+
+    x = facts[:n_facts, :-1]
+    stats = recall_by_layer(model, x, max_tokens=x.numel())
+    if not stats:
+        return None
+    recall = [s["preselect_recall"] for s in stats]
+    neg = [s["neg_quadrant_share"] for s in stats]
+    return {"preselect_recall": sum(recall) / len(recall), "per_layer": recall,
+            "neg_quadrant_share": sum(neg) / len(neg), "per_layer_neg": neg,
+            "tokens": x.numel()}
+
+
+def _fill_retrieval(cfg: CapacityConfig, row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """row with its retrieval measured from the run's kept model when the run predates the
+    record (`fact_retrieval`); row unchanged when there is no model to measure."""
+    from ultramem.train import checkpoint as ckpt
+
+    if "retrieval" in row or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+        return row
+    retrieval = fact_retrieval(ckpt.load_model(run_dir / "checkpoints"), make_world(cfg.world))
+    return row if retrieval is None else {**row, "retrieval": retrieval}
+
+
 def finished_run(cfg: CapacityConfig, run_dir: Path) -> dict[str, Any] | None:
     """The result row in run_dir if that run finished with cfg's settings, else None."""
     path = run_dir / "result.json"
@@ -402,6 +431,9 @@ def train_capacity(cfg: CapacityConfig, arch: str, multiple: float, run_dir: Pat
            "bits_per_active": final["bits"] / counts["active"], "curve": curve,
            "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
            "threads": torch.get_num_threads(), "jobs": cfg.jobs, "precision": prec}
+    retrieval = fact_retrieval(model, facts)
+    if retrieval is not None:
+        row["retrieval"] = retrieval
     from ultramem.files import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +515,10 @@ def run_capacity(cfg: CapacityConfig, log: Callable[[str], None] = print) -> dic
         plan = [(a, m) for a, m in plan if run_name(a, m) not in missing]
         log(f"[capacity] reporting {len(plan)} finished runs; not run yet: "
             f"{', '.join(missing) or 'none'}")
-    if cfg.jobs == 1 or len(plan) <= 1 or cfg.report_only:  # reports load, train nothing
+    if cfg.report_only:  # load, train nothing
+        rows = [_fill_retrieval(cfg, train_capacity(cfg, a, m, work / run_name(a, m), log),
+                                work / run_name(a, m)) for a, m in plan]
+    elif cfg.jobs == 1 or len(plan) <= 1:
         rows = [train_capacity(cfg, a, m, work / run_name(a, m), log) for a, m in plan]
     else:
         log(f"[capacity] {len(plan)} runs, {cfg.jobs} at a time, {cfg.threads} thread(s) each")

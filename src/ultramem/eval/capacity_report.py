@@ -56,6 +56,23 @@ def _concurrency(cfg: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return f"runs trained {said}." if runs else "no runs."
 
 
+def _retrieval(runs: list[dict[str, Any]]) -> list[str]:
+    """Pre-selection recall of the runs with UltraMemV2 layers, per layer."""
+    with_r = [r for r in runs if r.get("retrieval")]
+    if not with_r:
+        return []
+    tokens = with_r[0]["retrieval"]["tokens"]
+    lines = ["", f"Pre-selection recall of the trained UltraMemV2 layers on every token of the "
+             f"first facts ({tokens} tokens): the share of the exact top-m cells (brute force "
+             "over the whole grid) that retrieval returns, and the share of the exact top-m in "
+             "the (-, -) quadrant that rank-1 pre-selection never looks at "
+             "(`ultramem.eval.capacity.fact_retrieval`).", ""]
+    rows = [[r["name"], f"{r['retrieval']['preselect_recall']:.3f}",
+             " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer"]),
+             " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer_neg"])] for r in with_r]
+    return lines + _table(["run", "recall", "recall per layer", "(-,-) share per layer"], rows)
+
+
 def markdown(result: dict[str, Any]) -> str:
     cfg, runs = result["config"], result["runs"]
     world = cfg["world"]
@@ -120,6 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += _table(["total"] + archs, [
         [f"x{m:g}"] + [f"{grid[(a, m)]['bits_per_total']:.2f}" if (a, m) in grid else ""
                        for a in archs] for m in mults])
+    lines += _retrieval(runs)
     if result.get("not_run"):
         lines += ["", f"Not run yet (the plan's other runs): {', '.join(result['not_run'])}."]
     lines += ["", "![capacity](capacity.png)", ""]
