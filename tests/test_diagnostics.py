@@ -81,6 +81,25 @@ def test_diagnostics_see_collapsed_usage():
     assert a["kl_uniform"] > b["kl_uniform"] and a["gini"] > b["gini"]
 
 
+def test_output_shares_find_a_dead_layer():
+    from ultramem.diagnostics import output_share_summary, output_shares
+
+    torch.manual_seed(0)
+    model = LM(ModelConfig.preset("tiny/ultramem_v2", max_seq_len=16))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    alive = output_shares(model, idx)
+    assert len(alive) == len(model.memory_layers()) and all(s > 0.01 for s in alive)
+    with torch.no_grad():
+        model.memory_layers()[0].out_proj.weight.mul_(1e-6)  # the first layer's output ~ 0
+    dead = output_shares(model, idx)
+    assert dead[0] < 1e-5 and dead[1:] == pytest.approx(alive[1:], rel=0.2)
+    summary = output_share_summary(model, idx)
+    assert summary["mem/out_over_ffn_min"] == dead[0]
+    # An MoE replaces the FFN: no FFN to compare with.
+    moe = LM(ModelConfig.preset("tiny/moe", max_seq_len=16))
+    assert set(output_shares(moe, idx)) == {None} and output_share_summary(moe, idx) == {}
+
+
 def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
     cfg = ModelConfig.preset("tiny").replace(
         n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
@@ -93,13 +112,15 @@ def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
     Trainer(cfg, tcfg, run, show_progress=False).fit()
     last = read_metrics(run)[-1]
     assert 0 < last["mem/preselect_recall"] <= 1 and 0 <= last["mem/neg_quadrant_share"] <= 1
+    assert 0 < last["mem/out_over_ffn_min"] <= last["mem/out_over_ffn_mean"]
     assert main(["diagnose", "--checkpoint", str(run), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "64 tokens; 2 sparse layers" in out and "ultramem_v2" in out and "recall" in out
+    assert "out/ffn" in out
     assert main(["diagnose", "--checkpoint", str(run), "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)
     assert len(layers) == 2
     assert all(0 < s["preselect_recall"] <= 1 and len(s["tucker_singular_values"]) == 2
-               for s in layers)
+               and s["out_over_ffn"] > 0 for s in layers)
     assert main(["diagnose", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "ultramem diagnose:" in capsys.readouterr().err

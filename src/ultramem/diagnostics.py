@@ -93,9 +93,51 @@ def layer_diagnostics(layer: nn.Module, u: Tensor) -> dict[str, Any]:
 
 @torch.no_grad()
 def model_diagnostics(model: nn.Module, idx: Tensor) -> list[dict[str, Any]]:
-    """`layer_diagnostics` for every sparse layer of an `ultramem.LM` on the batch idx [B, T]."""
+    """`layer_diagnostics` for every sparse layer of an `ultramem.LM` on the batch idx [B, T],
+    with its `output_shares` entry as `out_over_ffn`."""
     inputs = layer_inputs(model, idx)
-    return [layer_diagnostics(layer, inputs[i]) for i, layer in enumerate(model.memory_layers())]
+    shares = output_shares(model, idx)
+    return [{**layer_diagnostics(layer, inputs[i]), "out_over_ffn": shares[i]}
+            for i, layer in enumerate(model.memory_layers())]
+
+
+@torch.no_grad()
+def output_shares(model: nn.Module, idx: Tensor) -> list[float | None]:
+    """For each sparse layer of an `ultramem.LM` (block order), the RMS of its output over the
+    RMS of the FFN output of the same block, in an eval forward of idx [B, T]; None where the
+    block has no FFN (the layer replaces it). A layer whose share is near 0 adds nothing to the
+    residual: a dead memory layer."""
+    blocks = [b for b in model.blocks if b.memory is not None]
+    rms: dict[tuple[int, str], float] = {}
+
+    def keep(i: int, part: str):
+        def hook(mod, args, out):
+            rms[(i, part)] = float(out.detach().float().pow(2).mean().sqrt())
+        return hook
+
+    hooks = [b.memory.register_forward_hook(keep(i, "memory")) for i, b in enumerate(blocks)]
+    hooks += [b.ffn.register_forward_hook(keep(i, "ffn")) for i, b in enumerate(blocks)
+              if b.ffn is not None]
+    was_training = model.training
+    try:
+        model.eval()
+        model(idx)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [rms[(i, "memory")] / max(rms[(i, "ffn")], 1e-30) if (i, "ffn") in rms else None
+            for i in range(len(blocks))]
+
+
+@torch.no_grad()
+def output_share_summary(model: nn.Module, idx: Tensor) -> dict[str, float]:
+    """mem/out_over_ffn_min and mem/out_over_ffn_mean over the sparse layers beside an FFN
+    (`output_shares`; the trainer logs them at eval steps); empty when there are none."""
+    shares = [s for s in output_shares(model, idx) if s is not None]
+    if not shares:
+        return {}
+    return {"mem/out_over_ffn_min": min(shares), "mem/out_over_ffn_mean": sum(shares) / len(shares)}
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 Per sparse layer, on held-out text (default: the stdlib docstrings `ultramem eval` uses): the
 fraction of value rows read, Gini of row usage, the Tucker cores' singular values and, for
 UltraMemV2, the pre-selection recall against brute force and the share of the exact top-m in
-the (-, -) quadrant that rank-1 pre-selection misses (`ultramem.diagnostics`).
+the (-, -) quadrant that rank-1 pre-selection misses, and the RMS of the layer's output over that
+of its block's FFN (`out/ffn`; near 0: a dead layer that adds nothing) (`ultramem.diagnostics`).
 
   ultramem diagnose --checkpoint runs/x
   ultramem diagnose --checkpoint runs/x --text notes.txt --tokens 512 --json
@@ -49,15 +50,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(layers, indent=2))
         return 0
     print(f"{len(ids)} tokens; {len(layers)} sparse layers")
-    print(f"{'layer':>5} {'kind':<12} {'rows used':>9} {'gini':>6} {'recall':>7} {'(-,-)':>6}  "
-          "Tucker singular values")
+    print(f"{'layer':>5} {'kind':<12} {'rows used':>9} {'gini':>6} {'recall':>7} {'(-,-)':>6} "
+          f"{'out/ffn':>8}  Tucker singular values")
     for i, s in enumerate(layers):
         recall = f"{s['preselect_recall']:.3f}" if "preselect_recall" in s else "-"
         neg = f"{s['neg_quadrant_share']:.3f}" if "neg_quadrant_share" in s else "-"
+        share = "-" if s["out_over_ffn"] is None else f"{s['out_over_ffn']:.2g}"
         sv = s.get("tucker_singular_values")
         spectra = "-" if sv is None else str(_rounded(sv))
         print(f"{i:>5} {s['kind']:<12} {s['fraction_used']:>9.3f} {s['gini']:>6.3f} "
-              f"{recall:>7} {neg:>6}  {spectra}")
+              f"{recall:>7} {neg:>6} {share:>8}  {spectra}")
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
 from ultramem.data.shards import BatchLoader, BatchOrder, TokenShards, read_meta
-from ultramem.diagnostics import retrieval_recall
+from ultramem.diagnostics import output_share_summary, retrieval_recall
 from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.config import TrainConfig
@@ -235,13 +235,16 @@ class Trainer:
 
     @torch.no_grad()
     def retrieval_diagnostics(self) -> dict[str, float]:
-        """mem/preselect_recall and mem/neg_quadrant_share of the UltraMemV2 layers on the first
-        validation batch (`ultramem.diagnostics.retrieval_recall`). Skipped under FSDP with
-        several ranks, where a layer's weights are sharded outside its forward."""
+        """mem/preselect_recall and mem/neg_quadrant_share of the UltraMemV2 layers, and
+        mem/out_over_ffn_min/_mean of the sparse layers beside an FFN (near 0: a dead layer), on
+        the first validation batch (`ultramem.diagnostics.retrieval_recall`,
+        `output_share_summary`). Skipped under FSDP with several ranks, where a layer's weights
+        are sharded outside its forward."""
         if self.val_order is None or (self.cfg.parallel == "fsdp" and self.dist.world > 1):
             return {}
         x, _ = self.val_order.batch(0)
-        return retrieval_recall(self.model, x.to(self.device))
+        x = x.to(self.device)
+        return {**retrieval_recall(self.model, x), **output_share_summary(self.model, x)}
 
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (or a skipped one); returns its numbers."""
