@@ -110,6 +110,7 @@ def test_training_stores_facts_and_a_finished_run_is_reused(tmp_path, one_thread
     assert len(ret["per_layer"]) == len(ret["per_layer_neg"]) == cfg.n_layers
     assert all(0.0 <= x <= 1.0 for x in ret["per_layer"] + ret["per_layer_neg"])
     assert ret["tokens"] == 48 * 2 * 4  # every token of every fact of this small world
+    assert len(ret["out_over_ffn"]) == cfg.n_layers and all(x > 0 for x in ret["out_over_ffn"])
     logs.clear()
     again = train_capacity(cfg, "ultramem_v2", 2.0, tmp_path / "r", logs.append)
     assert again["bits"] == row["bits"] and "reusing" in logs[0]

@@ -306,9 +306,9 @@ def measure(model, facts, world: WorldConfig, batch: int = 8192) -> FactScores:
 def fact_retrieval(model, facts, n_facts: int = 256) -> dict[str, Any] | None:
     """Pre-selection recall of each UltraMemV2 layer of `model` on every token of the first
     n_facts facts (`ultramem.diagnostics.recall_by_layer`: the share of the exact top-m cells the
-    retrieval returns, and the share of them in the (-, -) quadrant); None for models without
-    UltraMemV2 layers."""
-    from ultramem.diagnostics import recall_by_layer
+    retrieval returns, and the share of them in the (-, -) quadrant), and each layer's output
+    RMS over its FFN's (`output_shares`); None for models without UltraMemV2 layers."""
+    from ultramem.diagnostics import output_shares, recall_by_layer
 
     x = facts[:n_facts, :-1]
     stats = recall_by_layer(model, x, max_tokens=x.numel())
@@ -318,7 +318,7 @@ def fact_retrieval(model, facts, n_facts: int = 256) -> dict[str, Any] | None:
     neg = [s["neg_quadrant_share"] for s in stats]
     return {"preselect_recall": sum(recall) / len(recall), "per_layer": recall,
             "neg_quadrant_share": sum(neg) / len(neg), "per_layer_neg": neg,
-            "tokens": x.numel()}
+            "out_over_ffn": output_shares(model, x), "tokens": x.numel()}
 
 
 def _fill_retrieval(cfg: CapacityConfig, row: dict[str, Any], run_dir: Path) -> dict[str, Any]:

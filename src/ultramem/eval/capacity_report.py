@@ -65,12 +65,16 @@ def _retrieval(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["", f"Pre-selection recall of the trained UltraMemV2 layers on every token of the "
              f"first facts ({tokens} tokens): the share of the exact top-m cells (brute force "
              "over the whole grid) that retrieval returns, and the share of the exact top-m in "
-             "the (-, -) quadrant that rank-1 pre-selection never looks at "
+             "the (-, -) quadrant that rank-1 pre-selection never looks at; out/ffn: each "
+             "layer's output RMS over its block's FFN output RMS (near 0: a dead layer) "
              "(`ultramem.eval.capacity.fact_retrieval`).", ""]
     rows = [[r["name"], f"{r['retrieval']['preselect_recall']:.3f}",
              " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer"]),
-             " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer_neg"])] for r in with_r]
-    return lines + _table(["run", "recall", "recall per layer", "(-,-) share per layer"], rows)
+             " ".join(f"{x:.2f}" for x in r["retrieval"]["per_layer_neg"]),
+             " ".join("-" if x is None else f"{x:.2g}"
+                      for x in r["retrieval"].get("out_over_ffn", []))] for r in with_r]
+    return lines + _table(["run", "recall", "recall per layer", "(-,-) share per layer",
+                           "out/ffn per layer"], rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
