@@ -118,14 +118,7 @@ def output_shares(model: nn.Module, idx: Tensor) -> list[float | None]:
     hooks = [b.memory.register_forward_hook(keep(i, "memory")) for i, b in enumerate(blocks)]
     hooks += [b.ffn.register_forward_hook(keep(i, "ffn")) for i, b in enumerate(blocks)
               if b.ffn is not None]
-    was_training = model.training
-    try:
-        model.eval()
-        model(idx)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    _hooked_eval_forward(model, idx, hooks)
     return [rms[(i, "memory")] / max(rms[(i, "ffn")], 1e-30) if (i, "ffn") in rms else None
             for i in range(len(blocks))]
 
@@ -172,6 +165,13 @@ def layer_inputs(model: nn.Module, idx: Tensor) -> dict[int, Tensor]:
     hooks = [layer.register_forward_pre_hook(
         lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
         for i, layer in enumerate(layers)]
+    _hooked_eval_forward(model, idx, hooks)
+    return inputs
+
+
+def _hooked_eval_forward(model: nn.Module, idx: Tensor, hooks: list) -> None:
+    """One eval-mode forward of idx that the given hooks watch; then the hooks are removed and
+    the model's mode restored, whatever happens."""
     was_training = model.training
     try:
         model.eval()
@@ -180,4 +180,3 @@ def layer_inputs(model: nn.Module, idx: Tensor) -> dict[int, Tensor]:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return inputs
