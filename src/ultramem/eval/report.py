@@ -140,11 +140,7 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
     hours = {r["name"]: (r.get("train_seconds_logged", r.get("train_seconds", 0.0))
                          + r.get("seconds", 0.0)) / 3600 for r in runs}
     run_hours = sum(hours.values())
-    known = [r for r in runs if r.get("threads")]
-    cpu = (f"; CPU: at most {sum(hours[r['name']] * r['threads'] for r in known):.1f} "
-           f"CPU-hours (each run's hours x its threads)"
-           + (f", thread count not recorded for {len(runs) - len(known)} run(s)"
-              if len(known) < len(runs) else "") if known else "")
+    cpu = _cpu_hours(runs, hours)
     trained = Counter(f"`{r['commit']}`" if r.get("commit") else "not recorded" for r in runs)
     lines += [f"- commit `{study['commit']}`, Python {study['python']}, torch {study['torch']}, "
               f"{study['threads']} CPU thread(s) in this command",
@@ -160,6 +156,19 @@ def _header(study: dict[str, Any], tasks: list[str]) -> list[str]:
               f"not retrained){cpu}; task examples per task: {cfg['n_examples']} (task size "
               f"`{cfg['task_size'] or cfg['family']}`)", ""]
     return lines
+
+
+def _cpu_hours(runs: list[dict[str, Any]], hours: dict[str, float]) -> str:
+    """'; CPU: at most X CPU-hours ...' from each run's hours and recorded thread count; '' when
+    no run recorded its threads."""
+    known = [r for r in runs if r.get("threads")]
+    if not known:
+        return ""
+    said = (f"; CPU: at most {sum(hours[r['name']] * r['threads'] for r in known):.1f} "
+            "CPU-hours (each run's hours x its threads)")
+    if len(known) < len(runs):
+        said += f", thread count not recorded for {len(runs) - len(known)} run(s)"
+    return said
 
 
 def _loss(study: dict[str, Any], tasks: list[str]) -> list[str]:

@@ -257,6 +257,8 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     """
     seed = cfg.seed if seed is None else seed
     settings = _settings(cfg, seed)
+    import torch
+
     from ultramem.eval.run import evaluate_checkpoint
     from ultramem.train import checkpoint as ckpt
     from ultramem.train.config import TrainConfig
@@ -310,8 +312,6 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     result = evaluate_checkpoint(run_dir, size=cfg.size, n_examples=cfg.n_examples,
                                  seed=cfg.seed + 1, text=heldout_text(cfg),
                                  text_chars=cfg.text_chars)
-    import torch
-
     row = {"name": name, "settings": settings, "commit": git_commit(),
            "threads": torch.get_num_threads(), "jobs": cfg.jobs, "train_seconds": train_s,
            "train_seconds_logged": logged_s,
