@@ -100,6 +100,35 @@ def test_output_shares_find_a_dead_layer():
     assert set(output_shares(moe, idx)) == {None} and output_share_summary(moe, idx) == {}
 
 
+def test_adam_grad_over_eps_is_the_gradient_over_eps_and_finds_a_starved_layer():
+    from ultramem.diagnostics import adam_eps_summary, adam_grad_over_eps
+
+    torch.manual_seed(0)
+    model = LM(ModelConfig.preset("tiny/ultramem_v2", max_seq_len=16))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    layers = model.memory_layers()
+    with torch.no_grad():  # the first layer collapsed: three factors of its product near 0
+        for lin in (layers[0].query, layers[0].pre_proj, layers[0].out_proj):
+            lin.weight.mul_(1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    assert adam_grad_over_eps(model, opt) == [None] * len(layers)  # no state yet
+    _, loss = model(idx, idx)
+    loss.backward()
+    # After one step v_hat = g^2: the ratio is the median |gradient| over eps.
+    expected = []
+    for layer in layers:
+        tables = {id(t) for t in layer.value_parameters()}
+        grads = [p.grad.flatten() for p in layer.parameters() if id(p) not in tables]
+        expected.append(float(torch.cat(grads).abs().median()) / 1e-8)
+    opt.step()
+    ratios = adam_grad_over_eps(model, opt)
+    assert ratios == pytest.approx(expected, rel=1e-5)
+    assert ratios[0] < 1 < min(ratios[1:])  # the collapsed layer's gradients are below eps
+    assert adam_eps_summary(model, opt) == {"mem/grad_over_eps_min": ratios[0]}
+    opt.param_groups[0]["eps"] = 0.0  # no eps: no damping to report
+    assert adam_grad_over_eps(model, opt) == [None] * len(layers)
+
+
 def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
     cfg = ModelConfig.preset("tiny").replace(
         n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
@@ -110,17 +139,22 @@ def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
                        plot=False, device="cpu", threads=1)
     run = tmp_path / "run"
     Trainer(cfg, tcfg, run, show_progress=False).fit()
-    last = read_metrics(run)[-1]
+    rows = read_metrics(run)
+    last = rows[-1]
+    assert all(r["mem/grad_over_eps_min"] > 0 for r in rows if "loss" in r)
     assert 0 < last["mem/preselect_recall"] <= 1 and 0 <= last["mem/neg_quadrant_share"] <= 1
     assert 0 < last["mem/out_over_ffn_min"] <= last["mem/out_over_ffn_mean"]
     assert main(["diagnose", "--checkpoint", str(run), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "64 tokens; 2 sparse layers" in out and "ultramem_v2" in out and "recall" in out
-    assert "out/ffn" in out
+    assert "out/ffn" in out and "grad/eps" in out
     assert main(["diagnose", "--checkpoint", str(run), "--json"]) == 0
     layers = json.loads(capsys.readouterr().out)
     assert len(layers) == 2
     assert all(0 < s["preselect_recall"] <= 1 and len(s["tucker_singular_values"]) == 2
                and s["out_over_ffn"] > 0 for s in layers)
+    # The optimizer state read back from the step-4 checkpoint gives what the trainer logged.
+    assert min(s["grad_over_eps"] for s in layers) == pytest.approx(
+        last["mem/grad_over_eps_min"], rel=1e-6)
     assert main(["diagnose", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "ultramem diagnose:" in capsys.readouterr().err

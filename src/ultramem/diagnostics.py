@@ -134,6 +134,43 @@ def output_share_summary(model: nn.Module, idx: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
+def adam_grad_over_eps(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[float | None]:
+    """For each sparse layer of `model` (block order), the median over its dense weights (not
+    its value tables) of Adam's gradient RMS estimate sqrt(v / (1 - beta2^t)) over the group's
+    eps; None where the optimizer holds no state for them yet or eps is 0.
+
+    Adam's step is m_hat / (sqrt(v_hat) + eps): at a ratio near 1 or below, eps and not the
+    gradient sets the step size, so steps shrink with the gradient. A layer whose output has
+    collapsed toward 0 through a product of many small factors (UltraMemV2's score and value
+    path) then has gradients far below eps and stays collapsed while weight decay shrinks it
+    further: a dead layer. (Wortsman et al. 2023, arXiv 2309.14322, describe the same vanishing
+    update in large models and lower eps to 1e-15.)"""
+    where = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out: list[float | None] = []
+    for layer in model.memory_layers():
+        tables = {id(t) for t in layer.value_parameters()}
+        parts = []
+        eps = 0.0
+        for p in layer.parameters():
+            group, state = where.get(id(p)), optimizer.state.get(p)
+            if id(p) in tables or group is None or not state or "exp_avg_sq" not in state:
+                continue
+            eps = group["eps"]
+            bias = 1 - group["betas"][1] ** float(state["step"])
+            parts.append((state["exp_avg_sq"].detach().float().flatten() / bias).sqrt())
+        out.append(float(torch.cat(parts).median()) / eps if parts and eps > 0 else None)
+    return out
+
+
+def adam_eps_summary(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """mem/grad_over_eps_min: the smallest `adam_grad_over_eps` over the sparse layers (the
+    trainer logs it at logged steps; below 1: a layer's updates are damped by eps); empty when
+    no layer has one."""
+    ratios = [r for r in adam_grad_over_eps(model, optimizer) if r is not None]
+    return {"mem/grad_over_eps_min": min(ratios)} if ratios else {}
+
+
+@torch.no_grad()
 def recall_by_layer(model: nn.Module, idx: Tensor, max_tokens: int = 128) -> list[dict[str, float]]:
     """`preselect_recall` of each UltraMemV2 layer (each layer that `preselects`) of `model` on
     the batch idx, in order (empty for a model without them)."""

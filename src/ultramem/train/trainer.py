@@ -24,7 +24,7 @@ import torch
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
 from ultramem.data.shards import BatchLoader, BatchOrder, TokenShards, read_meta
-from ultramem.diagnostics import output_share_summary, retrieval_recall
+from ultramem.diagnostics import adam_eps_summary, output_share_summary, retrieval_recall
 from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.config import TrainConfig
@@ -246,6 +246,14 @@ class Trainer:
         x = x.to(self.device)
         return {**retrieval_recall(self.model, x), **output_share_summary(self.model, x)}
 
+    def optimizer_diagnostics(self) -> dict[str, float]:
+        """mem/grad_over_eps_min (`ultramem.diagnostics.adam_eps_summary`): below 1, some
+        sparse layer's Adam steps are set by eps, not its gradient (a layer dying or dead).
+        Skipped under FSDP with several ranks, where the optimizer holds shards."""
+        if self.cfg.parallel == "fsdp" and self.dist.world > 1:
+            return {}
+        return adam_eps_summary(self.model, self.opts["main"])
+
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (or a skipped one); returns its numbers."""
         cfg = self.cfg
@@ -319,6 +327,7 @@ class Trainer:
                     row["tokens_per_s"] = last_tok_s = tokens_since / max(now - t_last, 1e-9)
                     t_last, tokens_since = now, 0
                     row.update(memory_diagnostics(self.model))
+                    row.update(self.optimizer_diagnostics())
                 self._zero_grad()
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     eval_loss = self.evaluate()
