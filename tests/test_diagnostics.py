@@ -94,7 +94,8 @@ def test_output_shares_find_a_dead_layer():
     dead = output_shares(model, idx)
     assert dead[0] < 1e-5 and dead[1:] == pytest.approx(alive[1:], rel=0.2)
     summary = output_share_summary(model, idx)
-    assert summary["mem/out_over_ffn_min"] == dead[0]
+    assert summary["mem/out_over_ffn_min"] == dead[0] and summary["mem/silent_layers"] == 1
+    assert output_share_summary(LM(model.cfg), idx)["mem/silent_layers"] == 0
     # An MoE replaces the FFN: no FFN to compare with.
     moe = LM(ModelConfig.preset("tiny/moe", max_seq_len=16))
     assert set(output_shares(moe, idx)) == {None} and output_share_summary(moe, idx) == {}
@@ -127,6 +128,25 @@ def test_adam_grad_over_eps_is_the_gradient_over_eps_and_finds_a_starved_layer()
     assert adam_eps_summary(model, opt) == {"mem/grad_over_eps_min": ratios[0]}
     opt.param_groups[0]["eps"] = 0.0  # no eps: no damping to report
     assert adam_grad_over_eps(model, opt) == [None] * len(layers)
+
+
+def test_trainer_warns_when_a_sparse_layer_is_silent(tmp_path):
+    cfg = ModelConfig.preset("tiny").replace(
+        n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
+        memory={"n_keys": 16, "key_dim": 16, "top_m": 8, "value_dim": 16, "pre_value_dim": 16,
+                "init_samples": 256})
+    tcfg = TrainConfig(steps=2, batch_size=2, seq_len=32, warmup=1, eval_every=2,
+                       eval_batches=1, ckpt_every=0, log_every=1, tensorboard=False,
+                       plot=False, device="cpu", threads=1, lr=1e-6)
+    trainer = Trainer(cfg, tcfg, tmp_path / "run", show_progress=False)
+    with torch.no_grad():  # the second layer collapsed: its output ~1e-9 of the FFN's
+        for lin in (trainer.model.memory_layers()[1].pre_proj,
+                    trainer.model.memory_layers()[1].out_proj):
+            lin.weight.mul_(1e-4)
+    with pytest.warns(UserWarning, match=r"step 2: 1 sparse layer\(s\) silent"):
+        trainer.fit()
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["mem/silent_layers"] == 1 and last["mem/out_over_ffn_min"] < 1e-3
 
 
 def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):

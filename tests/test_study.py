@@ -61,6 +61,33 @@ def test_study_reuses_finished_runs_and_checks_names(study_dirs, tmp_path):
         StudyConfig(ablations=("no_such_ablation",))
 
 
+def test_eps_and_warmup_are_settings_only_when_they_differ_from_earlier_studies(study_dirs,
+                                                                                tmp_path):
+    import shutil
+
+    _, work = study_dirs
+    mine = tmp_path / "work"
+    shutil.copytree(work, mine)  # a changed setting starts a run over: not in the shared fixture
+    base = dict(family="tiny", steps=2, archs=("dense",), ablations=(), out=str(tmp_path),
+                work=str(mine), batch_size=2, seq_len=48, n_examples=2, text_chars=600,
+                task_size="ci", train_docs=8, threads=1)
+    logs: list[str] = []
+    run_study(StudyConfig(**base, eps=1e-8), log=logs.append)  # the earlier default: reused
+    assert any("dense: reusing" in line for line in logs)
+    logs.clear()
+    run_study(StudyConfig(**base, eps=1e-15, warmup=1), log=logs.append)
+    assert any("dense: training" in line for line in logs)
+    run = mine / "tiny" / "dense"
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert train["eps"] == 1e-15 and train["warmup"] == 1
+    settings = json.loads((run / "eval.json").read_text())["settings"]
+    assert settings["eps"] == 1e-15 and settings["warmup"] == 1
+    with pytest.raises(ValueError, match="warmup"):
+        StudyConfig(steps=10, warmup=11)
+    with pytest.raises(ValueError, match="eps"):
+        StudyConfig(eps=-1.0)
+
+
 def test_report_only_reports_the_finished_runs_and_names_the_others(study_dirs, tmp_path,
                                                                     capsys):
     out, work = study_dirs

@@ -123,14 +123,21 @@ def output_shares(model: nn.Module, idx: Tensor) -> list[float | None]:
             for i in range(len(blocks))]
 
 
+# A sparse layer whose output RMS is below this share of its FFN's is silent: collapsed toward 0,
+# dying or dead (the corpus study's dead layers read ~1e-7, its live ones 0.3-0.5).
+SILENT_SHARE = 1e-3
+
+
 @torch.no_grad()
 def output_share_summary(model: nn.Module, idx: Tensor) -> dict[str, float]:
-    """mem/out_over_ffn_min and mem/out_over_ffn_mean over the sparse layers beside an FFN
-    (`output_shares`; the trainer logs them at eval steps); empty when there are none."""
+    """mem/out_over_ffn_min, mem/out_over_ffn_mean and mem/silent_layers (how many read below
+    `SILENT_SHARE`) over the sparse layers beside an FFN (`output_shares`; the trainer logs them
+    at eval steps); empty when there are none."""
     shares = [s for s in output_shares(model, idx) if s is not None]
     if not shares:
         return {}
-    return {"mem/out_over_ffn_min": min(shares), "mem/out_over_ffn_mean": sum(shares) / len(shares)}
+    return {"mem/out_over_ffn_min": min(shares), "mem/out_over_ffn_mean": sum(shares) / len(shares),
+            "mem/silent_layers": sum(s < SILENT_SHARE for s in shares)}
 
 
 @torch.no_grad()

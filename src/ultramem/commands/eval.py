@@ -64,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seq-len", type=int, default=None, help="default: the family's max_seq_len")
     s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--eps", type=float, default=1e-8,
+                   help="Adam's eps (default 1e-8, that of earlier studies)")
+    s.add_argument("--warmup", type=int, default=None,
+                   help="warmup steps (default: min(20, steps / 10), that of earlier studies)")
     s.add_argument("--n", type=int, default=100, help="eval examples per task")
     s.add_argument("--text-chars", type=int, default=None, help="cut held-out text to N chars")
     s.add_argument("--task-size", default=None, choices=sorted(SIZES),
@@ -136,7 +140,8 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             out=args.out, work=args.work, seed=args.seed, seeds=args.seeds,
             seeded=None if args.seeded == "all" else tuple(_names(args.seeded) or ()),
             batch_size=args.batch_size,
-            seq_len=args.seq_len, lr=args.lr, n_examples=args.n, text_chars=args.text_chars,
+            seq_len=args.seq_len, lr=args.lr, eps=args.eps, warmup=args.warmup,
+            n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
             jobs=args.jobs, corpus=args.corpus, corpus_root=args.corpus_root,
             task_share=args.task_share, report_only=args.report_only,

@@ -42,6 +42,8 @@ from ultramem.config import ARCHS, FAMILIES, ModelConfig
 from ultramem.eval.study_plan import ABLATIONS, PAPER_TABLE2, base_name, run_dir
 from ultramem.tasks import LONG_CONTEXT, TASKS, build_tasks
 
+LEGACY_EPS = 1e-8  # Adam's eps of every study before it was a setting (not in their settings)
+
 FAMILY_DATA = {  # family -> (task size, tokenizer, train documents per task)
     "tiny": ("tiny", "bytes", 400),
     "small": ("small", "bpe", 1000),
@@ -62,6 +64,10 @@ class StudyConfig:
     batch_size: int = 16
     seq_len: int | None = None  # None: the family's max_seq_len
     lr: float = 3e-3
+    # Adam's eps, and the warmup steps (None: min(20, steps // 10), what studies used before
+    # warmup was a setting). The defaults of earlier studies were eps 1e-8 and that warmup.
+    eps: float = 1e-8
+    warmup: int | None = None
     n_examples: int = 100  # eval examples per task
     text_chars: int | None = None  # held-out text cut to this many characters (None: all)
     task_size: str | None = None  # None: FAMILY_DATA; 'ci' for tests
@@ -87,6 +93,10 @@ class StudyConfig:
             raise ValueError(f"ablations: unknown {bad}; known: {list(ABLATIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must lie in [0, steps={self.steps}], got {self.warmup}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if not 0 < self.task_share < 1:
@@ -102,6 +112,10 @@ class StudyConfig:
             bad = [n for n in self.seeded if n not in known]
             if bad:
                 raise ValueError(f"seeded: {bad} are not runs of this study; runs: {known}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(20, max(self.steps // 10, 1)) if self.warmup is None else self.warmup
 
     @property
     def size(self) -> str:
@@ -217,6 +231,10 @@ def _settings(cfg: StudyConfig, seed: int | None = None) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in keep}
     if cfg.corpus is not None:  # (absent otherwise: runs of earlier studies stay reusable)
         out.update(corpus=cfg.corpus, task_share=cfg.task_share)
+    if cfg.eps != LEGACY_EPS:  # likewise
+        out.update(eps=cfg.eps)
+    if cfg.warmup is not None:
+        out.update(warmup=cfg.warmup)
     if seed is not None and seed != cfg.seed:  # a repeat: its training seed, the data's seed
         out.update(seed=seed, data_seed=cfg.seed)
     return out
@@ -272,8 +290,8 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
         return row
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     train_cfg = TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr,
-        warmup=min(20, max(cfg.steps // 10, 1)), eval_every=max(cfg.steps // 4, 1),
+        steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len, lr=cfg.lr, eps=cfg.eps,
+        warmup=cfg.warmup_steps, eval_every=max(cfg.steps // 4, 1),
         eval_batches=4, log_every=max(1, min(10, cfg.steps // 20)),
         ckpt_every=max(cfg.steps // (4 if cfg.corpus is None else 20), 1), keep_last=1,
         ckpt_minutes=CKPT_MINUTES, seed=seed, tensorboard=False, plot=False,

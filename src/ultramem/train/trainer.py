@@ -24,7 +24,12 @@ import torch
 from ultramem import precision as precision_mod
 from ultramem.config import ModelConfig
 from ultramem.data.shards import BatchLoader, BatchOrder, TokenShards, read_meta
-from ultramem.diagnostics import adam_eps_summary, output_share_summary, retrieval_recall
+from ultramem.diagnostics import (
+    SILENT_SHARE,
+    adam_eps_summary,
+    output_share_summary,
+    retrieval_recall,
+)
 from ultramem.model import LM
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.config import TrainConfig
@@ -335,6 +340,8 @@ class Trainer:
                         row["eval_loss"] = eval_loss
                         row.update(self.retrieval_diagnostics())
                         log_now = True
+                        if row.get("mem/silent_layers") and self.rank0:
+                            _warn_silent(done, row)
                 if log_now and logger is not None:
                     logger.log(row)
                 if _finite(row["loss"]):
@@ -375,6 +382,20 @@ def _check_global_batch(saved: dict[str, Any], cfg: TrainConfig, world: int, ran
                       f"ranks) instead of the saved run's {seen // step}: the data order goes on "
                       f"from step {step} with the new batch, so it does not continue the saved "
                       f"run exactly; keep the global batch to do so", stacklevel=3)
+
+
+def _warn_silent(step: int, row: dict[str, Any]) -> None:
+    """Warn that some sparse layers have collapsed toward 0 (`mem/silent_layers`)."""
+    import warnings
+
+    ratio = row.get("mem/grad_over_eps_min")
+    stuck = "" if ratio is None else f"; smallest Adam gradient RMS / eps {ratio:.2g}"
+    smallest = row["mem/out_over_ffn_min"]
+    warnings.warn(f"step {step}: {row['mem/silent_layers']} sparse layer(s) silent, output "
+                  f"below {SILENT_SHARE:g} of their FFN's (smallest {smallest:.1e}{stuck}): "
+                  f"collapsed toward 0. The small UltraMemV2 preset does this at a peak "
+                  f"lr of 3e-3 and not at 1e-3 with a longer warmup (docs/training.md, dead "
+                  f"memory layers)", stacklevel=2)
 
 
 def _finite(x: float) -> bool:
