@@ -130,14 +130,20 @@ def test_adam_grad_over_eps_is_the_gradient_over_eps_and_finds_a_starved_layer()
     assert adam_grad_over_eps(model, opt) == [None] * len(layers)
 
 
-def test_trainer_warns_when_a_sparse_layer_is_silent(tmp_path):
+def _two_layer_run(steps: int, **train) -> tuple[ModelConfig, TrainConfig]:
+    """A two-block UltraMemV2 model and a few-step train config that evaluates at its end."""
     cfg = ModelConfig.preset("tiny").replace(
         n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
         memory={"n_keys": 16, "key_dim": 16, "top_m": 8, "value_dim": 16, "pre_value_dim": 16,
                 "init_samples": 256})
-    tcfg = TrainConfig(steps=2, batch_size=2, seq_len=32, warmup=1, eval_every=2,
-                       eval_batches=1, ckpt_every=0, log_every=1, tensorboard=False,
-                       plot=False, device="cpu", threads=1, lr=1e-6)
+    tcfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, warmup=1, eval_every=steps,
+                       eval_batches=1, log_every=1, tensorboard=False, plot=False,
+                       device="cpu", threads=1, **train)
+    return cfg, tcfg
+
+
+def test_trainer_warns_when_a_sparse_layer_is_silent(tmp_path):
+    cfg, tcfg = _two_layer_run(2, ckpt_every=0, lr=1e-6)
     trainer = Trainer(cfg, tcfg, tmp_path / "run", show_progress=False)
     with torch.no_grad():  # the second layer collapsed: its output ~1e-9 of the FFN's
         for lin in (trainer.model.memory_layers()[1].pre_proj,
@@ -150,13 +156,7 @@ def test_trainer_warns_when_a_sparse_layer_is_silent(tmp_path):
 
 
 def test_trainer_logs_recall_and_diagnose_prints_it(tmp_path, capsys):
-    cfg = ModelConfig.preset("tiny").replace(
-        n_layers=2, d_model=64, n_heads=2, ffn_hidden=128,
-        memory={"n_keys": 16, "key_dim": 16, "top_m": 8, "value_dim": 16, "pre_value_dim": 16,
-                "init_samples": 256})
-    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup=1, eval_every=4,
-                       eval_batches=1, ckpt_every=4, log_every=1, tensorboard=False,
-                       plot=False, device="cpu", threads=1)
+    cfg, tcfg = _two_layer_run(4, ckpt_every=4)
     run = tmp_path / "run"
     Trainer(cfg, tcfg, run, show_progress=False).fit()
     rows = read_metrics(run)
