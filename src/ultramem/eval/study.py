@@ -66,7 +66,7 @@ class StudyConfig:
     lr: float = 3e-3
     # Adam's eps, and the warmup steps (None: min(20, steps // 10), what studies used before
     # warmup was a setting). The defaults of earlier studies were eps 1e-8 and that warmup.
-    eps: float = 1e-8
+    eps: float = LEGACY_EPS
     warmup: int | None = None
     n_examples: int = 100  # eval examples per task
     text_chars: int | None = None  # held-out text cut to this many characters (None: all)
