@@ -10,7 +10,7 @@ from ultramem.config import ARCHS, FAMILIES, PRESETS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-REFERENCE = {"tiny": "moe", "small": "moe", "227m": "ultramem_v2"}
+REFERENCE = {"tiny": "moe", "small": "moe", "mini": "moe", "227m": "ultramem_v2"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

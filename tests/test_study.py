@@ -109,6 +109,43 @@ def test_report_only_reports_the_finished_runs_and_names_the_others(study_dirs, 
     assert "no prepared data" in capsys.readouterr().err
 
 
+def test_an_archive_carries_finished_runs_to_another_machine(study_dirs, tmp_path, capsys):
+    """--archive: finished runs' records (no checkpoint) are kept there; a new work folder with
+    the same archive reports from it alone and trains only the runs it lacks."""
+    _, work = study_dirs
+    archive = tmp_path / "archive"
+    flags = [*CI, "--ablations", "none", "--archive", str(archive)]
+    # The fixture's finished runs are archived as the study reuses them.
+    assert main(["study", *flags, "--archs", "dense,moe", "--work", str(work),
+                 "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in archive.iterdir()) == ["data.json", "dense", "moe"]
+    assert sorted(p.name for p in (archive / "moe").iterdir()) == [
+        "eval.json", "metrics.jsonl", "study.json"]
+    # Another machine: an empty work folder. The report comes from the archive, nothing trains.
+    new = tmp_path / "new"
+    capsys.readouterr()
+    assert main(["study", *flags, "--archs", "dense,moe", "--work", str(new),
+                 "--out", str(tmp_path / "b"), "--report-only"]) == 0
+    assert "restored 2 finished run(s)" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / d / "tiny.json").read_text())["runs"] for d in "ab")
+    assert [r["text"] for r in b] == [r["text"] for r in a] and len(b) == 2
+    assert not (new / "tiny" / "data").exists() and (tmp_path / "b" / "tiny_loss.png").is_file()
+    # Training there trains only the run the archive lacks, which is then archived too.
+    assert main(["study", *flags, "--archs", "dense,moe,pkm", "--work", str(new),
+                 "--out", str(tmp_path / "c")]) == 0
+    log = capsys.readouterr().out
+    assert "dense: reusing" in log and "moe: reusing" in log and "pkm: training" in log
+    assert json.loads((archive / "pkm" / "eval.json").read_text())["settings"]["steps"] == 2
+    # Other settings never restore: a run of 3 steps is not the archived 2-step one.
+    assert main(["study", *flags, "--archs", "dense", "--steps", "3", "--work",
+                 str(tmp_path / "other"), "--report-only"]) == 2
+
+
+def test_an_unknown_family_is_named(capsys):
+    assert main(["study", "--family", "huge"]) == 2
+    assert "family must be one of ['mini', 'small', 'tiny'], got 'huge'" in capsys.readouterr().err
+
+
 def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path):
     """--seeds 2 --seeded moe,ultramem_v2: the seed-0 runs are reused, the repeats train with
     seed 1 on the same data, and the report judges UltraMemV2 vs MoE against their spread."""

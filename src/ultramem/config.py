@@ -658,9 +658,10 @@ def _umv2_1b() -> ModelConfig:
 # family's reference (within 0.1%) and the same total within 3% (dense: activated only), so a
 # comparison inside a family is at equal compute and equal size. The free sizes (ffn_hidden and
 # n_keys) were solved against `ultramem.accounting.count_params`; tests/test_presets.py checks.
-# Reference: tiny and small: the OLMoE-style MoE (64 experts, top-8); 227m: UltraMemV2-227M/1.2B
-# of paper Table 10 (= preset "umv2-227m-1.2b"), with OLMoE, UltraMem v1 and Memory+ following
-# the table's shapes. PKM, PEER and Memory+ replace the FFN of the blocks they sit in.
+# Reference: tiny, small and mini: the OLMoE-style MoE (64 experts, top-8); 227m:
+# UltraMemV2-227M/1.2B of paper Table 10 (= preset "umv2-227m-1.2b"), with OLMoE, UltraMem v1
+# and Memory+ following the table's shapes. PKM, PEER and Memory+ replace the FFN of the blocks
+# they sit in.
 
 ARCHS: tuple[str, ...] = (
     "dense", "moe", "pkm", "peer", "memory_plus", "ultramem_v1", "ultramem_v2",
@@ -668,6 +669,11 @@ ARCHS: tuple[str, ...] = (
 
 _TINY = dict(vocab_size=256, n_layers=4, d_model=128, n_heads=4, max_seq_len=256)
 _SMALL = dict(vocab_size=4096, n_layers=8, d_model=256, n_heads=8, max_seq_len=512)
+# `mini`: small's vocabulary (and so its BPE data) at half the depth and 3/4 the width, sized so
+# that two 20M-token runs train side by side in about 1.5 hours on 2 cores (a corpus study pair
+# fits one session; `small` takes about 4.6 hours per pair). The memory baselines sit where
+# `tiny`'s do (same depth); their widths are small's times 3/4.
+_MINI = dict(vocab_size=4096, n_layers=4, d_model=192, n_heads=6, max_seq_len=512)
 _227M = dict(vocab_size=50304, n_layers=20, d_model=768, n_heads=12, max_seq_len=4096)
 
 # family -> (shared fields, {arch: (ffn_hidden, sparse config)}). An MoE replaces every FFN, so
@@ -696,6 +702,18 @@ _FAMILIES: dict[str, tuple[dict[str, Any], dict[str, tuple[int, Any]]]] = {
                                               value_dim=128, pairs=((1, 3), (4, 6)))),
         "ultramem_v2": (351, UltraMemV2Config(n_keys=147, key_dim=64, top_m=32, value_dim=64,
                                           pre_value_dim=64)),
+    }),
+    "mini": (_MINI, {
+        "dense": (406, None),
+        "moe": (384, MoEConfig(n_experts=64, top_k=8, expert_hidden=48)),
+        "pkm": (556, PKMConfig(n_keys=127, key_dim=96, n_heads=4, top_k=32, layers=(1, 3))),
+        "peer": (346, PEERConfig(n_keys=91, key_dim=96, n_heads=8, top_k=16, layers=(1, 3))),
+        "memory_plus": (536, MemoryPlusConfig(n_keys=180, key_dim=96, n_heads=2, top_k=32,
+                                              layers=(1, 3))),
+        "ultramem_v1": (183, UltraMemV1Config(n_keys=180, key_dim=48, n_heads=2, top_m=32,
+                                              value_dim=96, pairs=((0, 1), (2, 3)))),
+        "ultramem_v2": (262, UltraMemV2Config(n_keys=127, key_dim=48, top_m=32, value_dim=48,
+                                          pre_value_dim=48)),
     }),
     "227m": (_227M, {
         "dense": (3003, None),

@@ -5,8 +5,9 @@ Examples:
   ultramem study --family tiny --steps 300 --out docs/results
   ultramem study --family small --steps 400 --archs moe,ultramem_v2 --ablations none --threads 1
   ultramem study --family small --steps 300 --seeds 2 --seeded moe,ultramem_v2
-  ultramem study --family small --corpus english --steps 9766 --batch-size 8 --seq-len 256 \
-      --archs moe,ultramem_v2 --ablations none --seeds 3 --jobs 2    # 20M tokens per run
+  ultramem study --family mini --corpus english --steps 9766 --batch-size 8 --seq-len 256 \
+      --archs moe,ultramem_v2 --ablations none --seeds 3 --jobs 2 \
+      --archive docs/results/mini-english/runs   # 20M tokens per run, continued across machines
   (the same command + --report-only: a report of the runs finished so far, none trained)
 """
 
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("study", help="train and evaluate every architecture of a preset family",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--family", default="tiny", choices=["tiny", "small"])
+    s.add_argument("--family", default="tiny", help="tiny, mini or small (the study's families)")
     s.add_argument("--steps", type=int, default=300, help="training steps per run")
     s.add_argument("--archs", default="all", help=f"comma list of {list(ARCHS)}, all or none")
     s.add_argument("--ablations", default="all",
@@ -94,6 +95,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--report-only", action="store_true",
                    help="report the plan's finished runs in --work and name the others; "
                         "train nothing (the same flags as the run that made them)")
+    s.add_argument("--archive", default=None,
+                   help="keep each finished run's record (row, settings, training log; no "
+                        "checkpoint) in ARCHIVE/<run>/ and restore matching ones from it, so a "
+                        "study continues on another machine (commit ARCHIVE)")
     s.set_defaults(func=run_study_cmd)
 
 
@@ -144,7 +149,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             n_examples=args.n, text_chars=args.text_chars,
             task_size=args.task_size, train_docs=args.train_docs, threads=args.threads,
             jobs=args.jobs, corpus=args.corpus, corpus_root=args.corpus_root,
-            task_share=args.task_share, report_only=args.report_only,
+            task_share=args.task_share, report_only=args.report_only, archive=args.archive,
             command="ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"]
             else "ultramem study " + f"--family {args.family} --steps {args.steps}",
         )

@@ -24,6 +24,13 @@ plus copies of the task mix above (each copy with fresh task documents of the sa
 making up `task_share` of its characters; held-out loss is measured on the corpus's held-out
 split, which no run trains on. Such a study lives in `work/<family>-<corpus>/` and writes
 `<family>-<corpus>.md`, apart from the built-in one. Long runs checkpoint every 5% of their steps.
+
+Across machines (`archive`, e.g. a folder committed with the results): a run that finishes copies
+its record (eval.json, study.json, metrics.jsonl: what the report reads, no checkpoint) to
+`archive/<run>/`, and the prepared data's meta to `archive/data.json`; a study started with the
+same archive on another machine restores the records whose settings match into its work folder
+and trains only the rest, and `report_only` reports from the archive alone. So a study longer
+than one machine's lifetime advances by whole runs.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ LEGACY_EPS = 1e-8  # Adam's eps of every study before it was a setting (not in t
 FAMILY_DATA = {  # family -> (task size, tokenizer, train documents per task)
     "tiny": ("tiny", "bytes", 400),
     "small": ("small", "bpe", 1000),
+    "mini": ("small", "bpe", 1000),  # small's vocabulary and tasks, a quarter of its compute
 }
 
 
@@ -78,6 +86,7 @@ class StudyConfig:
     corpus_root: str = "data/corpus"  # where the corpus's packages and export live
     task_share: float = 0.1  # with a corpus: the task documents' share of the mix's characters
     report_only: bool = False  # report the plan's finished runs (and name the others); train none
+    archive: str | None = None  # finished runs' records, kept across machines (module doc)
     command: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +271,67 @@ def logged_train_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> fl
     return total
 
 
+# ------------------------------------------------------------------------------ archive
+
+# What the report needs of a finished run, in the order it is copied: eval.json (the row, which
+# marks the run finished) last, so that a copy cut short is never taken for a finished run.
+ARCHIVED = ("study.json", "metrics.jsonl", "eval.json")
+
+
+def _copy_record(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ARCHIVED:
+        if (src / f).is_file():
+            tmp = dst / f".{f}.tmp-{os.getpid()}"
+            shutil.copyfile(src / f, tmp)
+            os.replace(tmp, dst / f)
+
+
+def archive_run(archive: Path, run: Path, settings: dict[str, Any]) -> bool:
+    """Copy finished run `run`'s record to archive/<its name>/ unless the archive holds it with
+    these settings already; True when copied."""
+    dst = archive / run.name
+    if finished_row(dst, settings) is not None:
+        return False
+    _copy_record(run, dst)
+    return True
+
+
+def restore_archived(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]], work: Path,
+                     log=print) -> list[str]:
+    """Copy into work every run of plan that cfg.archive holds finished with its settings and
+    work does not (a part-trained run of the same settings there is replaced: the archived one
+    got further); returns their names."""
+    import shutil
+
+    restored = []
+    for name, _, seed in plan:
+        settings = _settings(cfg, seed)
+        src, dst = run_dir(Path(cfg.archive), name), run_dir(work, name)
+        if finished_row(dst, settings) is not None or finished_row(src, settings) is None:
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        _copy_record(src, dst)
+        restored.append(name)
+    if restored:
+        log(f"[study] restored {len(restored)} finished run(s) from {cfg.archive}: "
+            + ", ".join(restored))
+    return restored
+
+
+def _archive_data_meta(cfg: StudyConfig, meta: dict[str, Any]) -> None:
+    from ultramem.files import atomic_write_text
+
+    path = Path(cfg.archive) / "data.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(meta, indent=2))
+
+
 # A study run also checkpoints this often (besides every 5% of its steps): a session's end or a
 # kill loses at most this much of each run. Not a setting: it changes no result.
 CKPT_MINUTES = 10.0
@@ -287,6 +357,8 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     row = finished_row(run_dir, settings)
     if row is not None:
         log(f"[study] {name}: reusing {done}")
+        if cfg.archive and archive_run(Path(cfg.archive), run_dir, settings):
+            log(f"[study] {name}: archived in {cfg.archive}")
         return row
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     train_cfg = TrainConfig(
@@ -338,6 +410,9 @@ def train_and_eval(cfg: StudyConfig, name: str, model_cfg: ModelConfig, data_dir
     done.write_text(json.dumps(row, indent=2))
     log(f"[study] {name}: held-out bpb {result['text']['bits_per_byte']:.3f}, eval "
         f"{result['seconds']:.0f}s")
+    if cfg.archive:
+        archive_run(Path(cfg.archive), run_dir, settings)
+        log(f"[study] {name}: archived in {cfg.archive}")
     return row
 
 
@@ -392,7 +467,10 @@ def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
     from ultramem.train.metrics import read_metrics
 
     data_dir = work / "data"
-    if not (data_dir / "meta.json").is_file():
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file() and cfg.archive:
+        meta_file = Path(cfg.archive) / "data.json"
+    if not meta_file.is_file():
         raise ValueError(f"report_only: no prepared data in {data_dir}: nothing has run there")
     rows, missing = [], []
     for name, model_cfg, seed in plan:
@@ -408,7 +486,9 @@ def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
     if not rows:
         raise ValueError(f"report_only: none of the {len(plan)} runs has finished in {work} "
                          f"({', '.join(missing)})")
-    return read_meta(data_dir), rows, missing
+    meta = (read_meta(data_dir) if meta_file.parent == data_dir
+            else json.loads(meta_file.read_text()))
+    return meta, rows, missing
 
 
 def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
@@ -423,12 +503,16 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     data_dir = work / "data"
     plan = run_plan(cfg)
     not_run: list[str] = []
+    if cfg.archive:
+        restore_archived(cfg, plan, work, log)
     if cfg.report_only:
         meta, rows, not_run = _finished(cfg, plan, work)
         log(f"[study] report only: {len(rows)} finished run(s) of {len(plan)}"
             + (f"; not finished: {', '.join(not_run)}" if not_run else ""))
     else:
         meta = build_data(cfg, data_dir, log)
+        if cfg.archive:
+            _archive_data_meta(cfg, meta)
         log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
             f"({meta['tokenizer']['kind']}) in {data_dir}")
         if cfg.jobs == 1 or len(plan) == 1:
