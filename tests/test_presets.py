@@ -56,6 +56,22 @@ def test_227m_family_follows_table_10():
             assert c["total"] == pytest.approx(1.18e9, rel=0.02)
 
 
+def test_mini_members_build_and_run():
+    """The mini family trains the corpus study: every member builds and gives finite logits."""
+    import torch
+
+    from ultramem.model import LM
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 4096, (1, 16))
+    for arch in ARCHS:
+        model = LM(ModelConfig.preset(f"mini/{arch}")).eval()
+        with torch.no_grad():
+            logits = model(tokens)
+        logits = logits if torch.is_tensor(logits) else logits[0]
+        assert logits.shape == (1, 16, 4096) and torch.isfinite(logits).all(), arch
+
+
 def test_presets_command_prints_every_preset(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

@@ -141,6 +141,22 @@ def test_an_archive_carries_finished_runs_to_another_machine(study_dirs, tmp_pat
                  str(tmp_path / "other"), "--report-only"]) == 2
 
 
+def test_the_archive_says_when_this_machines_data_differs(tmp_path):
+    from ultramem.eval.study import archive_data_meta
+
+    meta = {"tokenizer": {"kind": "bpe"}, "vocab_size": 4096, "n_documents": 10,
+            "splits": {"train": {"n_tokens": 1000}, "val": {"n_tokens": 10}}, "sources": ["/a"]}
+    cfg = StudyConfig(archive=str(tmp_path / "arch"))
+    logs: list[str] = []
+    archive_data_meta(cfg, meta, logs.append)  # the first machine writes it
+    archive_data_meta(cfg, {**meta, "sources": ["/elsewhere"]}, logs.append)  # same data
+    assert logs == []
+    changed = {**meta, "splits": {"train": {"n_tokens": 1001}, "val": {"n_tokens": 10}}}
+    archive_data_meta(cfg, changed, logs.append)
+    assert len(logs) == 1 and "train_tokens 1000 there, 1001 here" in logs[0]
+    assert json.loads((tmp_path / "arch" / "data.json").read_text()) == meta  # kept
+
+
 def test_an_unknown_family_is_named(capsys):
     assert main(["study", "--family", "huge"]) == 2
     assert "family must be one of ['mini', 'small', 'tiny'], got 'huge'" in capsys.readouterr().err

@@ -323,13 +323,30 @@ def restore_archived(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
     return restored
 
 
-def _archive_data_meta(cfg: StudyConfig, meta: dict[str, Any]) -> None:
+def _data_fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    """What two machines' prepared data must share for their runs to be one study's."""
+    return {"tokenizer": meta["tokenizer"]["kind"], "vocab_size": meta["vocab_size"],
+            "n_documents": meta["n_documents"],
+            **{f"{k}_tokens": v["n_tokens"] for k, v in sorted(meta["splits"].items())}}
+
+
+def archive_data_meta(cfg: StudyConfig, meta: dict[str, Any], log=print) -> None:
+    """Keep the prepared data's meta in the archive (once); if the archive has one already and
+    this machine's data differs from it (a Debian point release can change a corpus package),
+    say so: the archived runs trained on the archived data."""
     from ultramem.files import atomic_write_text
 
     path = Path(cfg.archive) / "data.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(meta, indent=2))
+        return
+    old, new = _data_fingerprint(json.loads(path.read_text())), _data_fingerprint(meta)
+    if old != new:
+        diff = ", ".join(f"{k} {old.get(k)} there, {new.get(k)} here" for k in new
+                         if old.get(k) != new.get(k))
+        log(f"[study] WARNING: the data prepared here differs from {path} ({diff}); the runs "
+            "in the archive trained on that data, the runs trained here on this")
 
 
 # A study run also checkpoints this often (besides every 5% of its steps): a session's end or a
@@ -512,7 +529,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     else:
         meta = build_data(cfg, data_dir, log)
         if cfg.archive:
-            _archive_data_meta(cfg, meta)
+            archive_data_meta(cfg, meta, log)
         log(f"[study] data: {meta['splits']['train']['n_tokens']:,} train tokens "
             f"({meta['tokenizer']['kind']}) in {data_dir}")
         if cfg.jobs == 1 or len(plan) == 1:
