@@ -670,8 +670,9 @@ ARCHS: tuple[str, ...] = (
 _TINY = dict(vocab_size=256, n_layers=4, d_model=128, n_heads=4, max_seq_len=256)
 _SMALL = dict(vocab_size=4096, n_layers=8, d_model=256, n_heads=8, max_seq_len=512)
 # `mini`: small's vocabulary (and so its BPE data) at half the depth and 3/4 the width, sized so
-# that two 20M-token runs train side by side in about 1.5 hours on 2 cores (a corpus study pair
-# fits one session; `small` takes about 4.6 hours per pair). The memory baselines sit where
+# that two 20M-token runs train side by side in under 2 hours on 2 cores (measured 1.75 and
+# 1.92 h for MoE and UltraMemV2; a corpus study pair fits one session; `small` takes about 4.6
+# hours per pair). The memory baselines sit where
 # `tiny`'s do (same depth); their widths are small's times 3/4.
 _MINI = dict(vocab_size=4096, n_layers=4, d_model=192, n_heads=6, max_seq_len=512)
 _227M = dict(vocab_size=50304, n_layers=20, d_model=768, n_heads=12, max_seq_len=4096)

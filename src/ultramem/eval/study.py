@@ -279,15 +279,12 @@ ARCHIVED = ("study.json", "metrics.jsonl", "eval.json")
 
 
 def _copy_record(src: Path, dst: Path) -> None:
-    import os
-    import shutil
+    from ultramem.files import atomic_write_text
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in ARCHIVED:
         if (src / f).is_file():
-            tmp = dst / f".{f}.tmp-{os.getpid()}"
-            shutil.copyfile(src / f, tmp)
-            os.replace(tmp, dst / f)
+            atomic_write_text(dst / f, (src / f).read_text())
 
 
 def archive_run(archive: Path, run: Path, settings: dict[str, Any]) -> bool:
