@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -155,6 +156,25 @@ def test_the_archive_says_when_this_machines_data_differs(tmp_path):
     archive_data_meta(cfg, changed, logs.append)
     assert len(logs) == 1 and "train_tokens 1000 there, 1001 here" in logs[0]
     assert json.loads((tmp_path / "arch" / "data.json").read_text()) == meta  # kept
+
+
+def test_an_archive_git_ignores_is_named(tmp_path):
+    """Records archived into a git-ignored folder would never be committed: the study says so.
+    The committed result archives under docs/results/ are not ignored."""
+    import shutil
+    import subprocess
+
+    from ultramem.eval.study import archive_ignored_by_git
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    assert archive_ignored_by_git(tmp_path / "ignored" / "runs")
+    assert not archive_ignored_by_git(tmp_path / "kept" / "runs")
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():
+        assert not archive_ignored_by_git(repo / "docs" / "results" / "any-study" / "runs")
 
 
 def test_an_unknown_family_is_named(capsys):

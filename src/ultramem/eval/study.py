@@ -346,6 +346,21 @@ def archive_data_meta(cfg: StudyConfig, meta: dict[str, Any], log=print) -> None
             "in the archive trained on that data, the runs trained here on this")
 
 
+def archive_ignored_by_git(archive: str | Path) -> bool:
+    """True when `archive` lies in a git work tree that ignores it: its records would never be
+    committed, and a fresh machine would have nothing to restore. False outside git."""
+    folder = Path(archive).resolve()
+    probe = folder / "data.json"
+    while not folder.is_dir():  # the archive may not exist yet: ask from its nearest parent
+        folder = folder.parent
+    try:
+        out = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=folder,
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
 # A study run also checkpoints this often (besides every 5% of its steps): a session's end or a
 # kill loses at most this much of each run. Not a setting: it changes no result.
 CKPT_MINUTES = 10.0
@@ -518,6 +533,9 @@ def run_study(cfg: StudyConfig, log=print) -> dict[str, Any]:
     plan = run_plan(cfg)
     not_run: list[str] = []
     if cfg.archive:
+        if archive_ignored_by_git(cfg.archive):
+            log(f"[study] WARNING: git ignores the archive {cfg.archive}: its records will not be "
+                "committed with the repository (see .gitignore)")
         restore_archived(cfg, plan, work, log)
     if cfg.report_only:
         meta, rows, not_run = _finished(cfg, plan, work)
