@@ -8,7 +8,7 @@ from ultramem import LM, ModelConfig
 from ultramem.config import ConfigError, MoEConfig
 from ultramem.diagnostics import layer_inputs
 from ultramem.layers import MoELayer, SwiGLU
-from ultramem.layers.moe import ROW_BUCKET, needs_row_buckets, pad_groups
+from ultramem.layers.moe import ROW_BUCKET, _grouped_mm_runs, needs_row_buckets, pad_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,8 @@ def _grads(layer, x, fn):
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
     out = fn(x)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+     .view_as(out)).sum().backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
              for n, p in layer.named_parameters()}
     return out.detach(), x.grad.clone(), grads
@@ -83,6 +84,27 @@ def test_auto_takes_grouped_mm_where_it_runs_else_the_loop():
     layer.impl = "nonsense"
     with pytest.raises(ValueError, match="nonsense"):
         layer(torch.randn(4, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_auto_path_matches_per_token_loop(bf16):
+    # On CUDA, "auto" takes F.grouped_mm where the device runs it (probed: bf16 on Hopper).
+    layer = _f32_layer().cuda()
+    x = torch.randn(2, 13, 16, device="cuda")
+    ref, rgx, rgp = _grads(layer, x, layer.forward_reference)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        out, gx, gp = _grads(layer, x, layer)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    impl = layer.choose_impl(x.view(-1, 16).to(dtype), layer.gate.to(dtype))
+    print(f"CUDA {torch.cuda.get_device_name()} {dtype}: auto -> {impl}")
+    assert impl == ("grouped_mm" if _grouped_mm_runs(x.device, dtype) else "grouped")
+    tol = 3e-2 if bf16 else 1e-5
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx.float(), rgx, rtol=tol, atol=tol)
+    for name in gp:
+        assert gp[name].abs().sum() > 0, name
+        torch.testing.assert_close(gp[name], rgp[name], rtol=5 * tol, atol=5 * tol, msg=name)
 
 
 def test_skewed_loads_and_plain_sum_loss_are_exact():

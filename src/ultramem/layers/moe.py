@@ -7,8 +7,9 @@ Per token x [h]:
 Shapes: T tokens, h model width, E experts, w expert width, k experts per token, N = T*k.
 Tokens are grouped by expert (a stable sort of the N assignments), then the experts run behind
 one seam, `MoELayer.experts`, in one of three ways: "grouped_mm" (three `F.grouped_mm` calls over
-the groups, no host sync; CPU float32/bfloat16 with 16-byte aligned rows), "grouped" (one matmul
-chain per active expert) or "padded" (three batched matmuls over groups padded to the largest).
+the groups, no host sync; 16-byte aligned rows, CPU float32/bfloat16 or what the CUDA device
+runs, e.g. bfloat16 on Hopper), "grouped" (one matmul chain per active expert) or "padded" (three
+batched matmuls over groups padded to the largest).
 "auto" takes "grouped_mm" where it runs, else "grouped" (e.g. expert_hidden 373 of 227m/moe);
 "padded" is at best even with them on CPU and many times slower once loads are skewed. Each
 top-k weight scales its hidden [w] before the down projection. Under autocast each expert weight
@@ -24,6 +25,7 @@ OLMoE.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -236,12 +238,30 @@ def pad_groups(xs: Tensor, scale: Tensor, expert: Tensor, counts: Tensor,
 
 
 def grouped_mm_supported(xs: Tensor, gate: Tensor) -> bool:
-    """Whether `F.grouped_mm` takes these operands: CPU, float32 or bfloat16, and rows of h and
-    of w elements (tokens, weights, hidden activations) each a multiple of 16 bytes."""
+    """Whether `F.grouped_mm` takes these operands: rows of h and of w elements (tokens, weights,
+    hidden activations) each a multiple of 16 bytes, and on CPU float32 or bfloat16; on CUDA,
+    whatever this device and torch build run forward and backward (probed once per device and
+    dtype: bfloat16 on Hopper, for one)."""
     size = xs.element_size()
-    return (hasattr(F, "grouped_mm") and xs.device.type == "cpu"
-            and xs.dtype in (torch.float32, torch.bfloat16)
-            and (xs.shape[-1] * size) % 16 == 0 and (gate.shape[-1] * size) % 16 == 0)
+    if not (hasattr(F, "grouped_mm") and (xs.shape[-1] * size) % 16 == 0
+            and (gate.shape[-1] * size) % 16 == 0):
+        return False
+    if xs.device.type == "cpu":
+        return xs.dtype in (torch.float32, torch.bfloat16)
+    return xs.device.type == "cuda" and _grouped_mm_runs(xs.device, xs.dtype)
+
+
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """A tiny grouped matmul with its backward on `device` in `dtype`: True when it runs."""
+    try:
+        a = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+        b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+        F.grouped_mm(a, b, offs=offs).sum().backward()
+        return bool(torch.isfinite(b.grad).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def experts_grouped_mm(xs: Tensor, scale: Tensor, gate: Tensor, up: Tensor, down: Tensor,
