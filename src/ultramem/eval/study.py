@@ -353,12 +353,8 @@ def archive_ignored_by_git(archive: str | Path) -> bool:
     probe = folder / "data.json"
     while not folder.is_dir():  # the archive may not exist yet: ask from its nearest parent
         folder = folder.parent
-    try:
-        out = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=folder,
-                             capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0
+    out = _git("check-ignore", "-q", str(probe), cwd=folder)
+    return out is not None and out.returncode == 0
 
 
 # A study run also checkpoints this often (besides every 5% of its steps): a session's end or a
@@ -476,16 +472,21 @@ def in_processes(fn, calls: list[tuple], jobs: int) -> list[Any]:
         return [f.result() for f in futures]
 
 
-def git_commit() -> str:
+def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess | None:
+    """`git args...` in `cwd`, or None where git cannot run there."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent,
-                               timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "?"
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_commit() -> str:
+    here = Path(__file__).parent
+    out = _git("rev-parse", "--short", "HEAD", cwd=here)
+    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=here)
+    if out is None or dirty is None or out.returncode != 0:
         return "?"
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _finished(cfg: StudyConfig, plan: list[tuple[str, ModelConfig, int]],
