@@ -77,3 +77,18 @@ def test_auto_dispatch_and_op_registration():
     y, a = torch.ops.ultramem.fused_lookup(values, pre_values, rows, scores, xp, False)
     assert y.shape == (5, 12) and a.shape == (5, 4) and y.requires_grad
     torch.testing.assert_close(y, got[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_forward_split_over_slots_matches_reference(splits):
+    """Few tokens split their slots over several programs (as on a GPU at batch 1); the partial
+    sums must add up to the reference, and every slot's pre-value activation must be written."""
+    from ultramem.ops.triton_lookup import _forward
+
+    values, pre_values, rows, scores, xp, _ = _inputs(t=3, m=11, dv=20)
+    with torch.no_grad():
+        y, a = _forward(values, pre_values, rows, scores, xp, splits=splits)
+        want_a = gather_dot_reference(pre_values, rows, xp)
+        want_y = weighted_lookup_reference(values, rows, want_a.unsqueeze(-1) * scores)
+    torch.testing.assert_close(a, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
