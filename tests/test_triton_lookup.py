@@ -40,7 +40,7 @@ def _reference(values, pre_values, rows, scores, xp):
 
 
 @pytest.mark.parametrize("shape", [dict(), dict(c=1, dv=8), dict(c=4, dv=16, dp=5), dict(dv=300),
-                                   dict(dv=1100, m=5)])  # five Dv tiles, the last partial
+                                   dict(dv=1100, m=5)])  # 2 forward, 5 backward Dv tiles
 @pytest.mark.parametrize("atomic", [False, True])
 def test_fused_read_matches_reference(shape, atomic):
     from ultramem.ops.triton_lookup import fused_memory_read

@@ -139,11 +139,11 @@ def _bwd_atomic_kernel(ROWS, W, GA, GY, XP, GV, GP, m, Dv, Dp,
     tl.atomic_add(GP + row * Dp + offs_p, tl.load(GA + e) * xp, mask=mask_p)
 
 
-def _blocks(dv: int, dp: int, c: int) -> dict[str, int]:
+def _blocks(dv: int, dp: int, c: int, max_block_v: int = 256) -> dict[str, int]:
     return {
         "C": c,
         "SLICE": dv // c,
-        "BLOCK_V": min(triton.next_power_of_2(dv), 256),
+        "BLOCK_V": min(triton.next_power_of_2(dv), max_block_v),
         "BLOCK_P": triton.next_power_of_2(dp),
     }
 
@@ -170,8 +170,7 @@ def _forward(values: Tensor, pre_values: Tensor, rows: Tensor, scores: Tensor, x
     dv = values.shape[1]
     dp = pre_values.shape[1]
     c = scores.shape[-1]
-    meta = _blocks(dv, dp, c)
-    meta["BLOCK_V"] = min(triton.next_power_of_2(dv), FWD_MAX_BLOCK_V)
+    meta = _blocks(dv, dp, c, max_block_v=FWD_MAX_BLOCK_V)
     tiles = triton.cdiv(dv, meta["BLOCK_V"])
     if splits is None:
         splits = _split_slots(values.device, t * tiles, m)
