@@ -202,6 +202,9 @@ def test_seed_repeats_reuse_seed_zero_and_report_the_spread(study_dirs, tmp_path
     assert "## Seed spread" in md and "| moe | 2 |" in md
     assert "Mean over seeds (UltraMemV2 2, MoE 2)" in md
     assert "**The held-out loss claim**: UltraMemV2 minus MoE" in md and "| held-out loss |" in md
+    assert "## Training loss against the MoE of the same seed" in md
+    assert "| ultramem_v2@seed1 | moe@seed1 |" in md and set(data["paired_gaps"]) == {
+        "ultramem_v2", "ultramem_v2@seed1"}
     assert runs["moe@seed1"]["commit"] and "- runs trained (finished) at commit: `" in md
     assert runs["moe@seed1"]["threads"] == 1 and "CPU-hours (each run's hours x its threads)" in md
     with pytest.raises(ValueError, match="seeded"):
@@ -247,6 +250,27 @@ def test_moving_mean_of_the_loss_plot():
     assert _same_seed_moe("ultramem_v2@seed1") == "moe@seed1"
     assert _same_seed_moe("ultramem_v2+fixed_init@seed2") == "moe@seed2"
     assert _same_seed_moe("dense") == "moe"
+
+
+def test_paired_gap_summarizes_a_run_against_the_moe_on_the_same_batches():
+    from ultramem.eval.report import SMOOTH_POINTS, paired_gap
+
+    # 200 logged steps (window 200 // SMOOTH_POINTS = 4): ahead by 0.2 until step 50, then
+    # behind by 0.1; the MoE's batch-to-batch swings are shared and cancel in the difference.
+    steps = list(range(1, 201))
+    theirs = {k: 3.0 + (0.5 if k % 2 else -0.5) for k in steps}
+    mine = {k: theirs[k] + (-0.2 if k <= 50 else 0.1) for k in steps}
+    mine[999] = 1.0  # logged by one run only: not compared
+    gap = paired_gap(mine, theirs)
+    assert gap["window"] == 200 // SMOOTH_POINTS == 4
+    assert gap["lead"] == pytest.approx(-0.2) and gap["lead_step"] == 1
+    # The trailing mean of 4 is still below 0 at step 52 ((-0.2 * 2 + 0.1 * 2) / 4), not at 53.
+    assert gap["last_ahead_step"] == 52
+    assert gap["part_means"] == pytest.approx([-0.2, 0.1, 0.1, 0.1])
+    assert (gap["first_step"], gap["last_step"]) == (1, 200)
+    behind = paired_gap({k: v + 0.3 for k, v in theirs.items()}, theirs, parts=2)
+    assert behind["last_ahead_step"] is None and behind["part_means"] == pytest.approx([0.3, 0.3])
+    assert paired_gap({1: 2.0}, {2: 2.0}) is None
 
 
 def test_ablation_configs_change_one_thing():

@@ -108,6 +108,7 @@ def markdown(study: dict[str, Any]) -> str:
     lines += _versus_moe(seeded, tasks)
     lines += _ablations(study, tasks)
     lines += _ablation_seed_table(seeded, tasks)
+    lines += _gap_table(study, tasks)
     lines += _retrieval_table(runs)
     if study.get("plots"):
         lines += ["Plots: `" + study["plots"][0] + "` (loss curves), `" + study["plots"][1]
@@ -429,6 +430,78 @@ def _same_seed_moe(name: str) -> str:
     return "moe" + name[len(base_name(name)):]
 
 
+def train_losses(logged: list[dict[str, Any]]) -> dict[int, float]:
+    """step -> training loss of a run's metrics log (skipped steps left out)."""
+    return {m["step"]: m["loss"] for m in logged if "loss" in m and not m.get("skipped")}
+
+
+def paired_gap(mine: dict[int, float], theirs: dict[int, float],
+               parts: int = 4) -> dict[str, Any] | None:
+    """How a run's training loss compares with another's on the same batches, summarized: the
+    paired difference mine - theirs (negative: mine is lower), smoothed like the loss plot, at
+    its lowest (`lead`, `lead_step`), the last logged step where it is below 0 (None if never),
+    and its plain mean over each of `parts` equal step ranges of the steps both logged."""
+    steps = sorted(set(mine) & set(theirs))
+    if not steps:
+        return None
+    diff = [mine[k] - theirs[k] for k in steps]
+    smooth = moving_mean(diff, max(1, len(steps) // SMOOTH_POINTS))
+    low = min(range(len(steps)), key=smooth.__getitem__)
+    behind = [k for k, d in zip(steps, smooth) if d < 0]
+    edges = [steps[0] + (steps[-1] - steps[0] + 1) * i / parts for i in range(parts + 1)]
+    means = []
+    for lo, hi in zip(edges, edges[1:]):
+        part = [d for k, d in zip(steps, diff) if lo <= k < hi]
+        means.append(sum(part) / len(part) if part else None)
+    return {"window": max(1, len(steps) // SMOOTH_POINTS), "lead": smooth[low],
+            "lead_step": steps[low], "last_ahead_step": behind[-1] if behind else None,
+            "part_means": means, "first_step": steps[0], "last_step": steps[-1]}
+
+
+def paired_gaps(study: dict[str, Any], work: Path) -> dict[str, dict[str, Any]]:
+    """paired_gap of every run (the MoE runs aside) against the MoE of its seed, read from the
+    runs' logs in work: {run name: {"vs": MoE run name, **paired_gap}}."""
+    from ultramem.train.metrics import read_metrics
+
+    names = {r["name"] for r in study["runs"]}
+    out = {}
+    for name in names:
+        moe = _same_seed_moe(name)
+        if base_name(name) == "moe" or moe not in names:
+            continue
+        mine, theirs = (train_losses(read_metrics(run_dir(work, n))) for n in (name, moe))
+        gap = paired_gap(mine, theirs)
+        if gap is not None:
+            out[name] = {"vs": moe, **gap}
+    return {r["name"]: out[r["name"]] for r in study["runs"] if r["name"] in out}
+
+
+def _gap_table(study: dict[str, Any], tasks: list[str]) -> list[str]:
+    """The paired training-loss gaps of `paired_gaps` (in study["paired_gaps"])."""
+    gaps = study.get("paired_gaps") or {}
+    if not gaps:
+        return []
+    parts = len(next(iter(gaps.values()))["part_means"])
+    lines = ["## Training loss against the MoE of the same seed", "",
+             "The run's training loss minus the MoE's on the very same batches (paired: the "
+             "batch-to-batch swings both share cancel; negative: the run is ahead). Largest "
+             "lead: the lowest point of the trailing mean the loss plot draws; last step "
+             f"ahead: the last logged step where that mean is below 0; then the plain mean of "
+             f"the difference over each {_ordinal(parts)} of the steps both runs logged.", ""]
+    rows = []
+    for name, g in gaps.items():
+        rows.append([name, g["vs"], f"{g['lead']:+.3f} (step {g['lead_step']})",
+                     "never" if g["last_ahead_step"] is None else str(g["last_ahead_step"]),
+                     *("-" if m is None else f"{m:+.3f}" for m in g["part_means"])])
+    lines += _table(["run", "against", "largest lead", "last step ahead",
+                     *(f"mean, {_ordinal(parts)} {i + 1}" for i in range(parts))], rows)
+    return lines + [""]
+
+
+def _ordinal(parts: int) -> str:
+    return {2: "half", 3: "third", 4: "quarter", 5: "fifth"}.get(parts, f"1/{parts}")
+
+
 def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     """Loss curves of every run and per-task accuracy bars; [] without matplotlib."""
     try:
@@ -448,8 +521,7 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     color = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     loss_png, task_png = out / f"{family}_loss.png", out / f"{family}_tasks.png"
     logs = {r["name"]: read_metrics(run_dir(work, r["name"])) for r in runs}
-    losses = {name: {m["step"]: m["loss"] for m in logged if "loss" in m and not m.get("skipped")}
-              for name, logged in logs.items()}
+    losses = {name: train_losses(logged) for name, logged in logs.items()}
     # Each run against the MoE of its seed, which trained on the very same batches: the paired
     # difference removes the batch-to-batch swings both curves share.
     pairs = {r["name"]: _same_seed_moe(r["name"]) for r in runs
@@ -522,6 +594,7 @@ def write_report(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     """Write <family>.md, <family>.json and the plots into out; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     family = study.get("name", study["config"]["family"])
+    study["paired_gaps"] = paired_gaps(study, work)
     pngs = plots(study, out, work)
     study["plots"] = [p.name for p in pngs]
     md, js = out / f"{family}.md", out / f"{family}.json"
