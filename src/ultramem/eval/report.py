@@ -495,7 +495,7 @@ def _gap_table(study: dict[str, Any], tasks: list[str]) -> list[str]:
                      *("-" if m is None else f"{m:+.3f}" for m in g["part_means"])])
     lines += _table(["run", "against", "largest lead", "last step ahead",
                      *(f"mean, {_ordinal(parts)} {i + 1}" for i in range(parts))], rows)
-    return lines + [""]
+    return lines
 
 
 def _ordinal(parts: int) -> str:
