@@ -445,7 +445,8 @@ def paired_gap(mine: dict[int, float], theirs: dict[int, float],
     if not steps:
         return None
     diff = [mine[k] - theirs[k] for k in steps]
-    smooth = moving_mean(diff, max(1, len(steps) // SMOOTH_POINTS))
+    window = max(1, len(steps) // SMOOTH_POINTS)
+    smooth = moving_mean(diff, window)
     low = min(range(len(steps)), key=smooth.__getitem__)
     behind = [k for k, d in zip(steps, smooth) if d < 0]
     edges = [steps[0] + (steps[-1] - steps[0] + 1) * i / parts for i in range(parts + 1)]
@@ -453,27 +454,23 @@ def paired_gap(mine: dict[int, float], theirs: dict[int, float],
     for lo, hi in zip(edges, edges[1:]):
         part = [d for k, d in zip(steps, diff) if lo <= k < hi]
         means.append(sum(part) / len(part) if part else None)
-    return {"window": max(1, len(steps) // SMOOTH_POINTS), "lead": smooth[low],
+    return {"window": window, "lead": smooth[low],
             "lead_step": steps[low], "last_ahead_step": behind[-1] if behind else None,
             "part_means": means, "first_step": steps[0], "last_step": steps[-1]}
 
 
-def paired_gaps(study: dict[str, Any], work: Path) -> dict[str, dict[str, Any]]:
-    """paired_gap of every run (the MoE runs aside) against the MoE of its seed, read from the
-    runs' logs in work: {run name: {"vs": MoE run name, **paired_gap}}."""
-    from ultramem.train.metrics import read_metrics
-
-    names = {r["name"] for r in study["runs"]}
+def paired_gaps(losses: dict[str, dict[int, float]]) -> dict[str, dict[str, Any]]:
+    """paired_gap of every run (the MoE runs aside) against the MoE of its seed, from each
+    run's `train_losses` (in run order): {run name: {"vs": MoE run name, **paired_gap}}."""
     out = {}
-    for name in names:
+    for name, mine in losses.items():
         moe = _same_seed_moe(name)
-        if base_name(name) == "moe" or moe not in names:
+        if base_name(name) == "moe" or moe not in losses:
             continue
-        mine, theirs = (train_losses(read_metrics(run_dir(work, n))) for n in (name, moe))
-        gap = paired_gap(mine, theirs)
+        gap = paired_gap(mine, losses[moe])
         if gap is not None:
             out[name] = {"vs": moe, **gap}
-    return {r["name"]: out[r["name"]] for r in study["runs"] if r["name"] in out}
+    return out
 
 
 def _gap_table(study: dict[str, Any], tasks: list[str]) -> list[str]:
@@ -502,8 +499,9 @@ def _ordinal(parts: int) -> str:
     return {2: "half", 3: "third", 4: "quarter", 5: "fifth"}.get(parts, f"1/{parts}")
 
 
-def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
-    """Loss curves of every run and per-task accuracy bars; [] without matplotlib."""
+def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]]) -> list[Path]:
+    """Loss curves of every run (logs: run name -> its metrics log) and per-task accuracy
+    bars; [] without matplotlib."""
     try:
         import matplotlib
 
@@ -511,8 +509,6 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from ultramem.train.metrics import read_metrics
-
     family = study.get("name", study["config"]["family"])
     runs = study["runs"]
     # One colour per run, shared by its seed repeats (dotted lines, hatched bars).
@@ -520,7 +516,6 @@ def plots(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
     color = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     loss_png, task_png = out / f"{family}_loss.png", out / f"{family}_tasks.png"
-    logs = {r["name"]: read_metrics(run_dir(work, r["name"])) for r in runs}
     losses = {name: train_losses(logged) for name, logged in logs.items()}
     # Each run against the MoE of its seed, which trained on the very same batches: the paired
     # difference removes the batch-to-batch swings both curves share.
@@ -594,8 +589,11 @@ def write_report(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     """Write <family>.md, <family>.json and the plots into out; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     family = study.get("name", study["config"]["family"])
-    study["paired_gaps"] = paired_gaps(study, work)
-    pngs = plots(study, out, work)
+    from ultramem.train.metrics import read_metrics
+
+    logs = {r["name"]: read_metrics(run_dir(work, r["name"])) for r in study["runs"]}
+    study["paired_gaps"] = paired_gaps({name: train_losses(log) for name, log in logs.items()})
+    pngs = plots(study, out, logs)
     study["plots"] = [p.name for p in pngs]
     md, js = out / f"{family}.md", out / f"{family}.json"
     md.write_text(markdown(study))
