@@ -273,6 +273,27 @@ def test_paired_gap_summarizes_a_run_against_the_moe_on_the_same_batches():
     assert paired_gap({1: 2.0}, {2: 2.0}) is None
 
 
+def test_ablation_table_averages_the_same_seven_tasks_as_the_accuracy_table():
+    """The one-seed ablation table's mean accuracy is the accuracy table's "mean of 7" (the
+    fact world is reported on its own, as facts recalled), not a mean that mixes it in."""
+    from ultramem.eval.report import MEAN_ACC, _ablations, _accuracy
+    from ultramem.tasks import LONG_CONTEXT
+
+    tasks = [*LONG_CONTEXT, "facts"]
+
+    def run(name: str, acc: float, facts: int) -> dict:
+        scores = {t: {"accuracy": acc, "answer_nll": 1.0} for t in LONG_CONTEXT}
+        scores["facts"] = {"accuracy": 0.0, "answer_nll": 5.0, "recalled": facts}
+        return {"name": name, "params": {"total": 8_000_000, "active": 2_000_000},
+                "final_loss": 3.0, "text": {"bits_per_byte": 1.4}, "tasks": scores}
+
+    study = {"runs": [run("ultramem_v2", 0.5, 7), run("ultramem_v2+both_ends_equal", 0.75, 9)]}
+    table = "\n".join(_ablations(study, tasks))
+    assert MEAN_ACC in table and "| ultramem_v2 | 8.00M | 3.000 | 1.400 | 50.0 | 1.000 | 7 |" in table
+    assert "| ultramem_v2+both_ends_equal | 8.00M | 3.000 | 1.400 | 75.0 | 1.000 | 9 |" in table
+    assert "| 50.0 |" in "\n".join(_accuracy(study, tasks))
+
+
 def test_ablation_configs_change_one_thing():
     runs = run_configs(StudyConfig(family="small", archs=("ultramem_v2",)))
     base = runs["ultramem_v2"].memory
