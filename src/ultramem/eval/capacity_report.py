@@ -171,12 +171,15 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
             axes[3].plot([c["epoch"] for c in r["curve"]], [c["bits"] for c in r["curve"]],
                          "-", color=line.get_color(), alpha=0.4 + 0.6 * (r is rs[-1]))
     xs = sorted(r["total_params"] for r in runs)
+    if xs[-1] < 2 * xs[0]:  # one size (or nearly): a log axis over a sliver has unreadable ticks
+        xs = [xs[0] / 2, xs[-1] * 2]
     axes[0].plot(xs, [2 * x for x in xs], "k--", lw=1, label="2 bits / param")
     axes[0].axhline(runs[0]["world_bits"], color="grey", lw=1, ls=":", label="every fact")
     axes[1].axhline(2.0, color="k", ls="--", lw=1, label="2 bits / param")
     titles = ("bits stored", "bits per total parameter", "bits per active parameter")
     for ax, title in zip(axes, titles, strict=False):
         ax.set_xscale("log")
+        ax.set_xlim(xs[0] / 1.2, xs[-1] * 1.2)
         ax.set_xlabel("total parameters")
         ax.set_title(title)
         ax.grid(alpha=0.3)
