@@ -452,11 +452,11 @@ def paired_gap(mine: dict[int, float], theirs: dict[int, float],
     window = max(1, len(steps) // SMOOTH_POINTS)
     smooth = moving_mean(diff, window)
     low = min(range(len(steps)), key=smooth.__getitem__)
-    behind = [k for k, d in zip(steps, smooth) if d < 0]
+    behind = [k for k, d in zip(steps, smooth, strict=True) if d < 0]
     edges = [steps[0] + (steps[-1] - steps[0] + 1) * i / parts for i in range(parts + 1)]
     means = []
-    for lo, hi in zip(edges, edges[1:]):
-        part = [d for k, d in zip(steps, diff) if lo <= k < hi]
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        part = [d for k, d in zip(steps, diff, strict=True) if lo <= k < hi]
         means.append(sum(part) / len(part) if part else None)
     return {"window": window, "lead": smooth[low],
             "lead_step": steps[low], "last_ahead_step": behind[-1] if behind else None,
