@@ -30,10 +30,15 @@ MEAN_ACC = "mean acc of 7 (%)"
 MEAN_NLL = "mean answer loss of 7"
 
 
-def _long_context_accuracy(run: dict[str, Any], tasks: list[str]) -> float:
-    """Mean accuracy over the seven long-context categories among tasks (the "mean of 7")."""
+def _long_context_mean(run: dict[str, Any], tasks: list[str], key: str = "accuracy") -> float:
+    """Mean of a task score over the seven long-context categories among tasks (the "mean of
+    7"; the fact world is reported on its own)."""
     lc = [t for t in tasks if t in LONG_CONTEXT]
-    return sum(run["tasks"][t]["accuracy"] for t in lc) / max(1, len(lc))
+    return sum(run["tasks"][t][key] for t in lc) / max(1, len(lc))
+
+
+def _long_context_accuracy(run: dict[str, Any], tasks: list[str]) -> float:
+    return _long_context_mean(run, tasks)
 
 
 def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -352,11 +357,10 @@ def _ablations(study: dict[str, Any], tasks: list[str]) -> list[str]:
 
 def _ablation_metrics(r: dict[str, Any], tasks: list[str]) -> dict[str, tuple[float, bool]]:
     """metric -> (value, lower is better) of one run, for the ablation-over-seeds table."""
-    lc = [t for t in tasks if t in LONG_CONTEXT]
     out = {"val loss": (r.get("val_loss") or float("nan"), True),
            "held-out bpb": (r["text"]["bits_per_byte"], True),
            MEAN_ACC: (100 * _long_context_accuracy(r, tasks), False),
-           MEAN_NLL: (sum(r["tasks"][t]["answer_nll"] for t in lc) / max(len(lc), 1), True)}
+           MEAN_NLL: (_long_context_mean(r, tasks, "answer_nll"), True)}
     if "facts" in tasks:
         out["facts recalled"] = (float(r["tasks"]["facts"]["recalled"]), False)
     if "retrieval" in r:
@@ -439,18 +443,25 @@ def train_losses(logged: list[dict[str, Any]]) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in logged if "loss" in m and not m.get("skipped")}
 
 
+def paired_curve(mine: dict[int, float], theirs: dict[int, float]
+                 ) -> tuple[list[int], list[float], int, list[float]]:
+    """The steps both runs logged, the difference mine - theirs there, the trailing-mean window
+    and the smoothed difference (the curve the loss plot draws)."""
+    steps = sorted(set(mine) & set(theirs))
+    diff = [mine[k] - theirs[k] for k in steps]
+    window = max(1, len(steps) // SMOOTH_POINTS)
+    return steps, diff, window, moving_mean(diff, window)
+
+
 def paired_gap(mine: dict[int, float], theirs: dict[int, float],
                parts: int = 4) -> dict[str, Any] | None:
     """How a run's training loss compares with another's on the same batches, summarized: the
     paired difference mine - theirs (negative: mine is lower), smoothed like the loss plot, at
     its lowest (`lead`, `lead_step`), the last logged step where it is below 0 (None if never),
     and its plain mean over each of `parts` equal step ranges of the steps both logged."""
-    steps = sorted(set(mine) & set(theirs))
+    steps, diff, window, smooth = paired_curve(mine, theirs)
     if not steps:
         return None
-    diff = [mine[k] - theirs[k] for k in steps]
-    window = max(1, len(steps) // SMOOTH_POINTS)
-    smooth = moving_mean(diff, window)
     low = min(range(len(steps)), key=smooth.__getitem__)
     behind = [k for k, d in zip(steps, smooth, strict=True) if d < 0]
     edges = [steps[0] + (steps[-1] - steps[0] + 1) * i / parts for i in range(parts + 1)]
@@ -503,8 +514,10 @@ def _ordinal(parts: int) -> str:
     return {2: "half", 3: "third", 4: "quarter", 5: "fifth"}.get(parts, f"1/{parts}")
 
 
-def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]]) -> list[Path]:
-    """Loss curves of every run (logs: run name -> its metrics log) and per-task accuracy
+def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]],
+          losses: dict[str, dict[int, float]]) -> list[Path]:
+    """Loss curves of every run (logs: run name -> its metrics log; losses: its
+    `train_losses`), the paired differences of study["paired_gaps"], and per-task accuracy
     bars; [] without matplotlib."""
     try:
         import matplotlib
@@ -520,12 +533,9 @@ def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]
     cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
     color = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     loss_png, task_png = out / f"{family}_loss.png", out / f"{family}_tasks.png"
-    losses = {name: train_losses(logged) for name, logged in logs.items()}
     # Each run against the MoE of its seed, which trained on the very same batches: the paired
     # difference removes the batch-to-batch swings both curves share.
-    pairs = {r["name"]: _same_seed_moe(r["name"]) for r in runs
-             if base_name(r["name"]) != "moe" and losses[r["name"]]
-             and losses.get(_same_seed_moe(r["name"]))}
+    pairs = {name: gap["vs"] for name, gap in study.get("paired_gaps", {}).items()}
     # Left: the loss of each logged training batch; middle: the held-out validation loss;
     # right (when there is an MoE run): the paired difference.
     fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(18 if pairs else 12, 4.5))
@@ -546,11 +556,8 @@ def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]
             ax_val.plot([m["step"] for m in val], [m["eval_loss"] for m in val], marker=".",
                         label=r["name"], **style)
         if r["name"] in pairs:
-            mine, theirs = losses[r["name"]], losses[pairs[r["name"]]]
-            steps = sorted(set(mine) & set(theirs))
-            window = max(1, len(steps) // SMOOTH_POINTS)
-            axes[2].plot(steps, moving_mean([mine[k] - theirs[k] for k in steps], window),
-                         label=f"{r['name']} - {pairs[r['name']]}", **style)
+            steps, _, _, smooth = paired_curve(losses[r["name"]], losses[pairs[r["name"]]])
+            axes[2].plot(steps, smooth, label=f"{r['name']} - {pairs[r['name']]}", **style)
     if pairs:
         axes[2].axhline(0.0, color="grey", linewidth=0.8)
         axes[2].set_xlabel("step")
@@ -596,8 +603,9 @@ def write_report(study: dict[str, Any], out: Path, work: Path) -> list[Path]:
     from ultramem.train.metrics import read_metrics
 
     logs = {r["name"]: read_metrics(run_dir(work, r["name"])) for r in study["runs"]}
-    study["paired_gaps"] = paired_gaps({name: train_losses(log) for name, log in logs.items()})
-    pngs = plots(study, out, logs)
+    losses = {name: train_losses(log) for name, log in logs.items()}
+    study["paired_gaps"] = paired_gaps(losses)
+    pngs = plots(study, out, logs, losses)
     study["plots"] = [p.name for p in pngs]
     md, js = out / f"{family}.md", out / f"{family}.json"
     md.write_text(markdown(study))
