@@ -281,3 +281,81 @@ def test_saturation_verdicts():
     assert last_fifth_gain(rising) == pytest.approx(0.2) and saturation(rising) == "still rising"
     assert saturation(run([(50, 900.0), (100, 995.0)])) == "world filled"
     assert saturation(run([(100, 500.0)])) == "still rising"  # one point: nothing shows it
+
+
+def _report(commit, runs):
+    """A capacity report's JSON with runs (name, epochs, bits[, settings change])."""
+    out = []
+    for name, epochs, bits, *extra in runs:
+        arch, mult = name.rsplit("_x", 1)
+        settings = {"world": {"n_subjects": 8}, "lr": 0.01, "epochs": epochs,
+                    "measure_every": epochs // 4, **(extra[0] if extra else {})}
+        out.append({"name": name, "arch": arch, "multiple": float(mult), "settings": settings,
+                    "total_params": 1000, "active_params": 500, "world_bits": 4000.0,
+                    "bits": bits, "recalled": 10, "n_facts": 100, "bits_per_total": bits / 1000,
+                    "bits_per_active": bits / 500, "cpu_seconds": 1.0,
+                    "curve": [{"epoch": epochs, "bits": bits}]})
+    return {"commit": commit, "config": {"command": f"ultramem capacity {commit}"}, "runs": out}
+
+
+def test_passes_gathers_one_model_across_reports_and_judges_the_last_doubling():
+    from ultramem.eval.capacity_passes import collect
+
+    table = {"value_lr_scale": 4.0}
+    result = collect([
+        ("a", _report("c1", [("moe_x2", 100, 1000.0), ("ultramem_v2_x2", 100, 500.0, table),
+                             ("dense_x1", 100, 900.0)])),
+        ("b", _report("c2", [("moe_x2", 200, 1500.0), ("ultramem_v2_x2", 200, 900.0, table),
+                             ("ultramem_v2_x4", 200, 700.0, table)])),
+        ("c", _report("c3", [("moe_x2", 400, 1540.0), ("ultramem_v2_x2", 200, 950.0, table),
+                             ("ultramem_v2_x2", 800, 1600.0, table),
+                             ("moe_x2", 800, 1570.0, {"lr": 0.02})])),
+    ])
+    rows = {r["name"]: r for r in result["rows"]}
+    # Only models at two or more pass counts; another lr is another model.
+    assert list(rows) == ["moe_x2", "ultramem_v2_x2"]
+    moe, um = rows["moe_x2"], rows["ultramem_v2_x2"]
+    assert [p["epochs"] for p in moe["points"]] == [100, 200, 400]
+    assert moe["gains"] == pytest.approx([0.5, 0.04 / 1.5])
+    assert moe["verdict"] == "at capacity"
+    # 200 -> 800 is two doublings: the rate per doubling, and over 5% shows nothing.
+    assert um["gains"][-1] == pytest.approx((1600 / 900) ** 0.5 - 1)
+    assert um["verdict"] == "not shown (last step > 2x)"
+    # The first report's run is used where two hold the same passes; the other is listed.
+    assert um["points"][1]["bits"] == 900.0 and um["points"][1]["report"] == "b"
+    assert um["also"] == [{"epochs": 200, "bits": 950.0, "report": "c"}]
+    # Against the MoE of the same size at the same passes (its tables' lr aside).
+    assert um["over_reference"] == pytest.approx({100: 0.5, 200: 0.6})
+    assert moe["over_reference"] == {}
+    assert [r["commit"] for r in result["reports"]] == ["c1", "c2", "c3"]
+    rising = collect([("a", _report("c1", [("moe_x2", 100, 1000.0)])),
+                      ("b", _report("c2", [("moe_x2", 200, 1200.0)]))])["rows"][0]
+    assert rising["verdict"] == "still rising"
+    full = collect([("a", _report("c1", [("moe_x2", 100, 3000.0)])),
+                    ("b", _report("c2", [("moe_x2", 200, 3990.0)]))])["rows"][0]
+    assert full["verdict"] == "world filled"
+
+
+def test_capacity_passes_command_reports_real_runs_and_names_bad_input(tmp_path, one_thread,
+                                                                        capsys):
+    from ultramem.cli import main
+
+    for epochs in (2, 4):
+        run_capacity(_tiny(tmp_path, archs=("moe",), multiples=(2.0,), epochs=epochs,
+                           measure_every=2, out=str(tmp_path / f"r{epochs}"),
+                           work=str(tmp_path / f"w{epochs}")), log=lambda m: None)
+    out = tmp_path / "passes"
+    assert main(["capacity-passes", str(tmp_path / "r2"), str(tmp_path / "r4" / "capacity.json"),
+                 "--out", str(out)]) == 0
+    md = (out / "passes.md").read_text()
+    assert "| moe_x2 |" in md and "| 2 passes | 4 passes |" in md
+    assert f"ultramem capacity-passes {tmp_path / 'r2'}" in md
+    saved = json.loads((out / "passes.json").read_text())
+    r4 = json.loads((tmp_path / "r4" / "capacity.json").read_text())
+    assert saved["rows"][0]["points"][1]["bits"] == r4["runs"][0]["bits"]
+    assert (out / "passes.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["capacity-passes", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "nowhere: no capacity.json" in capsys.readouterr().err
+    assert main(["capacity-passes", str(tmp_path / "r2"), "--out", str(out)]) == 2
+    assert "no run of these reports appears at two or more" in capsys.readouterr().err

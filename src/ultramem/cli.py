@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "eval": "ultramem.commands.eval",
     "study": "ultramem.commands.eval",
     "capacity": "ultramem.commands.capacity",
+    "capacity-passes": "ultramem.commands.capacity",
     "generate": "ultramem.commands.generate",
     "init": "ultramem.commands.init",  # a fresh model larger than memory, int8 table files
     "diagnose": "ultramem.commands.diagnose",

@@ -18,6 +18,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
+
+PASSES_DOC = """`ultramem capacity-passes`: the same capacity runs trained for different numbers of
+passes (--epochs), gathered from several reports into one table and plot of bits stored against
+passes (`ultramem.eval.capacity_passes`). Trains nothing.
+
+  ultramem capacity-passes runs/cap200 runs/cap400 runs/cap800 --out runs/passes
+"""
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -76,6 +84,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.set_defaults(func=run)
 
+    q = sub.add_parser("capacity-passes", help="bits stored against passes over the facts, "
+                       "from several capacity reports", description=PASSES_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("reports", nargs="+",
+                   help="`ultramem capacity` --out directories (or their capacity.json); where "
+                        "two hold the same run at the same passes, the first is used")
+    q.add_argument("--out", default="runs/capacity-passes",
+                   help="where passes.md/.json/.png go (committed results: name docs/results/..)")
+    q.set_defaults(func=run_passes)
+
 
 def run(args: argparse.Namespace) -> int:
     from ultramem.eval.capacity import CAPACITY_ARCHS, CapacityConfig, WorldConfig, run_capacity
@@ -94,4 +112,19 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs, report_only=args.report_only, command="ultramem " + shlex.join(sys.argv[1:])
         if sys.argv[1:2] == ["capacity"] else "ultramem capacity")
     run_capacity(cfg)
+    return 0
+
+
+def run_passes(args: argparse.Namespace) -> int:
+    from ultramem.cli import UsageError
+    from ultramem.eval.capacity_passes import capacity_passes
+
+    command = ("ultramem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["capacity-passes"]
+               else "ultramem capacity-passes " + shlex.join(args.reports))
+    try:
+        result = capacity_passes(args.reports, Path(args.out), command)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"[capacity-passes] {len(result['rows'])} runs at several passes; wrote "
+          f"{', '.join(result['files'])}")
     return 0
