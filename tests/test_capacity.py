@@ -359,3 +359,19 @@ def test_capacity_passes_command_reports_real_runs_and_names_bad_input(tmp_path,
     assert "nowhere: no capacity.json" in capsys.readouterr().err
     assert main(["capacity-passes", str(tmp_path / "r2"), "--out", str(out)]) == 2
     assert "no run of these reports appears at two or more" in capsys.readouterr().err
+
+
+def test_reports_without_matplotlib_skip_their_plots(monkeypatch, tmp_path):
+    import sys
+
+    from ultramem.eval import capacity_passes, capacity_report
+    from ultramem.plots import pyplot
+
+    assert pyplot() is not None  # installed for the tests
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    assert pyplot() is None
+    one = _report("c1", [("moe_x2", 100, 1000.0)])
+    result = capacity_passes.collect([("a", one), ("b", _report("c2", [("moe_x2", 200, 1200.0)]))])
+    assert result["rows"] and capacity_passes.plot(result, tmp_path / "p.png") is None
+    assert capacity_report.plot(one, tmp_path / "c.png") is None
+    assert not list(tmp_path.iterdir())

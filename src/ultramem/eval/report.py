@@ -519,12 +519,10 @@ def plots(study: dict[str, Any], out: Path, logs: dict[str, list[dict[str, Any]]
     """Loss curves of every run (logs: run name -> its metrics log; losses: its
     `train_losses`), the paired differences of study["paired_gaps"], and per-task accuracy
     bars; [] without matplotlib."""
-    try:
-        import matplotlib
+    from ultramem.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     family = study.get("name", study["config"]["family"])
     runs = study["runs"]

@@ -67,12 +67,10 @@ class MetricsLogger:
 
 def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     """Train (and eval) loss against step as a PNG; None if matplotlib is missing."""
-    try:
-        import matplotlib
+    from ultramem.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         warnings.warn("matplotlib is not installed: no loss plot", stacklevel=2)
         return None
     rows = read_metrics(metrics_path)
