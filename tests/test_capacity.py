@@ -336,6 +336,37 @@ def test_passes_gathers_one_model_across_reports_and_judges_the_last_doubling():
     assert full["verdict"] == "world filled"
 
 
+def test_ceiling_extrapolates_shrinking_gains_per_doubling_and_only_those():
+    from ultramem.eval.capacity_passes import ceiling, collect, markdown
+
+    def pts(*pairs):
+        return [{"epochs": e, "bits": b} for e, b in pairs]
+
+    # Gains 400 then 200 per doubling: half each time, so 200 more in all (200 * 0.5 / 0.5).
+    c = ceiling(pts((100, 1000.0), (200, 1400.0), (400, 1600.0)), world_bits=4000.0)
+    assert c == pytest.approx({"shrink": 0.5, "bits": 1800.0, "capped": False,
+                               "to_go": 1800 / 1600 - 1})
+    # Capped at the world; growing gains and steps longer than a doubling give none.
+    assert ceiling(pts((100, 1000.0), (200, 2000.0), (400, 2900.0)), 4000.0)["bits"] == 4000.0
+    assert ceiling(pts((100, 1000.0), (200, 1200.0), (400, 1500.0)), 4000.0) is None
+    assert ceiling(pts((100, 1000.0), (200, 1400.0), (800, 1600.0)), 4000.0) is None
+    assert ceiling(pts((200, 1400.0), (400, 1600.0)), 4000.0) is None
+    # Lost bits on the last doubling: the ceiling is where it ended.
+    assert ceiling(pts((100, 1000.0), (200, 1400.0), (400, 1300.0)), 4000.0)["bits"] == 1300.0
+
+    result = collect([
+        ("a", _report("c1", [("moe_x2", 100, 1000.0), ("ultramem_v2_x2", 100, 500.0)])),
+        ("b", _report("c2", [("moe_x2", 200, 1400.0), ("ultramem_v2_x2", 200, 800.0)])),
+        ("c", _report("c3", [("moe_x2", 400, 1600.0), ("ultramem_v2_x2", 400, 1000.0)])),
+    ])
+    rows = {r["name"]: r for r in result["rows"]}
+    # UltraMemV2: gains 300 then 200, shrink 2/3, 400 more: 1400 against the MoE's 1800.
+    assert rows["ultramem_v2_x2"]["ceiling"]["bits"] == pytest.approx(1400.0)
+    assert rows["ultramem_v2_x2"]["ceiling_over_reference"] == pytest.approx(1400 / 1800)
+    md = markdown({"command": "x", "commit": "c", **result})
+    assert "| ultramem_v2_x2 | 0.67 | 1.4K | 1.40 | +40% | 0.78 |" in md
+
+
 def test_capacity_passes_command_reports_real_runs_and_names_bad_input(tmp_path, one_thread,
                                                                         capsys):
     from ultramem.cli import main

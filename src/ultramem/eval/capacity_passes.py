@@ -57,6 +57,25 @@ def verdict(row: dict[str, Any]) -> str:
     return "still rising" if b["epochs"] <= 2 * a["epochs"] else "not shown (last step > 2x)"
 
 
+def ceiling(points: list[dict[str, Any]], world_bits: float) -> dict[str, Any] | None:
+    """Where the bits would end if each further doubling of the passes added `shrink` times what
+    the last one added (a geometric series; an extrapolation, not a measurement): from the last
+    three points, when both steps are one doubling each. None when there are no such points or
+    the gains are not shrinking (no finite ceiling on this evidence); capped at the world."""
+    if len(points) < 3:
+        return None
+    a, b, c = points[-3:]
+    if b["epochs"] != 2 * a["epochs"] or c["epochs"] != 2 * b["epochs"]:
+        return None
+    before, last = b["bits"] - a["bits"], c["bits"] - b["bits"]
+    if before <= 0 or last >= before:
+        return None
+    shrink = max(last, 0.0) / before
+    bits = min(c["bits"] + max(last, 0.0) * shrink / (1 - shrink), world_bits)
+    return {"shrink": shrink, "bits": bits, "capped": bits == world_bits,
+            "to_go": bits / c["bits"] - 1}
+
+
 def collect(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Rows of the runs that appear at two or more pass counts among reports ((label, the
     report's JSON) pairs, in the order given). Where two reports hold the same run at the same
@@ -87,6 +106,7 @@ def collect(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         row["gains"] = [gain_per_doubling(a, b) for a, b in zip(pts, pts[1:], strict=False)]
         row["last_gain"] = row["gains"][-1]
         row["verdict"] = verdict(row)
+        row["ceiling"] = ceiling(pts, row["world_bits"])
     for row in rows:  # bits over the reference architecture's at the same size and passes
         ref = next((r for r in rows if r["arch"] == REFERENCE and r is not row
                     and r["multiple"] == row["multiple"]
@@ -94,6 +114,9 @@ def collect(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         by_epochs = {p["epochs"]: p["bits"] for p in ref["points"]} if ref else {}
         row["over_reference"] = {p["epochs"]: p["bits"] / by_epochs[p["epochs"]]
                                  for p in row["points"] if p["epochs"] in by_epochs}
+        row["ceiling_over_reference"] = (
+            row["ceiling"]["bits"] / ref["ceiling"]["bits"]
+            if ref and row["ceiling"] and ref["ceiling"] else None)
     rows.sort(key=lambda r: (r["multiple"], r["arch"] != REFERENCE, r["arch"]))
     return {"rows": rows, "reports": [{"report": label, "commit": result["commit"],
                                        "command": result["config"].get("command", "")}
@@ -141,6 +164,24 @@ def markdown(result: dict[str, Any]) -> str:
                         [[r["name"]] + [f"{r['over_reference'][e]:.2f}"
                                         if e in r["over_reference"] else "" for e in passes]
                          for r in compared])
+    extrapolated = [r for r in rows if r["ceiling"]]
+    if extrapolated:
+        lines += [
+            "", "Extrapolated ceiling (not measured): where the bits would end if every further "
+            "doubling of the passes added the same fraction ('shrink') of the previous "
+            "doubling's gain as the last did over the one before (a geometric series from the "
+            "last three points; the nearer 'shrink' is to 1, the less the figure means). Rows "
+            "whose gains are not shrinking have no finite ceiling on this evidence and are left "
+            "out.", ""]
+        lines += _table(
+            ["run", "shrink", "ceiling bits", "per total param", "above the last run",
+             f"over `{REFERENCE}`'s"],
+            [[r["name"], f"{r['ceiling']['shrink']:.2f}",
+              _k(r["ceiling"]["bits"]) + (" (the world)" if r["ceiling"]["capped"] else ""),
+              f"{r['ceiling']['bits'] / r['total_params']:.2f}",
+              f"{r['ceiling']['to_go']:+.0%}",
+              f"{r['ceiling_over_reference']:.2f}" if r["ceiling_over_reference"] else ""]
+             for r in extrapolated])
     also = [(r["name"], a) for r in rows for a in r["also"]]
     if also:
         lines += ["", "Also in these reports, the same run at the same passes (the first report "
@@ -222,5 +263,5 @@ def capacity_passes(paths: list[str], out: Path, command: str) -> dict[str, Any]
     return result
 
 
-__all__ = ["LEVELLED", "capacity_passes", "collect", "gain_per_doubling", "load_report",
+__all__ = ["LEVELLED", "capacity_passes", "ceiling", "collect", "gain_per_doubling", "load_report",
            "markdown", "plot", "verdict"]
