@@ -67,11 +67,11 @@ def ceiling(points: list[dict[str, Any]], world_bits: float) -> dict[str, Any] |
     a, b, c = points[-3:]
     if b["epochs"] != 2 * a["epochs"] or c["epochs"] != 2 * b["epochs"]:
         return None
-    before, last = b["bits"] - a["bits"], c["bits"] - b["bits"]
+    before, last = b["bits"] - a["bits"], max(c["bits"] - b["bits"], 0.0)  # a loss adds nothing
     if before <= 0 or last >= before:
         return None
-    shrink = max(last, 0.0) / before
-    bits = min(c["bits"] + max(last, 0.0) * shrink / (1 - shrink), world_bits)
+    shrink = last / before
+    bits = min(c["bits"] + last * shrink / (1 - shrink), world_bits)
     return {"shrink": shrink, "bits": bits, "capped": bits == world_bits,
             "to_go": bits / c["bits"] - 1}
 
